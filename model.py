@@ -479,11 +479,12 @@ class T5(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # safetensors: [8-byte little-endian header size N][N bytes of JSON header][data buffer]
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+# In the safetensors package's own dtype order: its writer puts tensors of later dtypes first.
+DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E5M2": torch.float8_e5m2,
+          "F8_E4M3": torch.float8_e4m3fn, "I16": torch.int16, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I32": torch.int32, "F32": torch.float32, "F64": torch.float64, "I64": torch.int64}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-MAX_HEADER = 100 * 1024 * 1024
+MAX_HEADER = 100_000_000  # the bound the safetensors package uses
 
 
 def atomic_write_bytes(path, chunks) -> None:
@@ -521,8 +522,8 @@ def read_safetensors_header(path) -> tuple[dict, dict, int]:
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise bad(f"header is not UTF-8 JSON ({e})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise bad(f"header is not UTF-8 JSON ({type(e).__name__})") from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
     meta = header.pop("__metadata__", {})
@@ -573,9 +574,10 @@ def load_safetensors(path, device="cpu") -> dict[str, torch.Tensor]:
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
-    """Write tensors in the byte layout of the safetensors package: tensors ordered by dtype size (largest
-    first), then name; compact JSON header padded with spaces to a multiple of 8; written atomically."""
-    items = sorted(tensors.items(), key=lambda kv: (-kv[1].element_size(), kv[0]))
+    """Write tensors in the byte layout of the safetensors package: tensors ordered by dtype (DTYPES, last first),
+    then name; compact JSON header padded with spaces to a multiple of 8; written atomically."""
+    rank = {t: i for i, t in enumerate(DTYPES.values())}
+    items = sorted(tensors.items(), key=lambda kv: (-rank.get(kv[1].dtype, -1), kv[0]))
     header, blobs, off = {}, [], 0
     if metadata is not None:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}

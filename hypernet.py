@@ -1,0 +1,151 @@
+"""The hypernetwork: a task instruction in, LoRA factors for every adapted module of the frozen T5 out (paper Eq. 2).
+
+    I_x  = T5-encoder(instruction)                       (N, s, D)   the student's own frozen encoder
+    t    = masked-mean(I_x)                               (N, D)      one vector per task
+    h_m  = MLP([W_t t ; e_m])                             (N, M, h)   e_m embeds target m: its layer and its kind
+    A_m, B_m = head_A(h_m), head_B(h_m)                   A (N, r, in), B (N, out, r)  (PEFT orientation)
+
+One small network serves every layer; the target embedding tells it which module it is writing. All M targets of
+a batch come out of one batched call (one head pair per weight shape), and a task's adapters are generated once
+and reused for all of its instances.
+
+Zero at step 0 with gradients everywhere. LoRA starts from ΔW = 0 by zeroing B, but then A (and everything
+upstream of B's head) gets no gradient on the first step. Here the heads start random and a frozen copy of them,
+fed a stop-gradient of h, is subtracted:
+    ΔW_m = B_m A_m − B0_m A0_m,   (B0, A0) = frozen_heads(sg(h_m))
+which is exactly 0 at initialisation (same weights, same inputs), while every trainable parameter gets a gradient
+from the first step. The adapter handed to T5 is the rank-2r pair [B, −B0]·[A; A0]; the frozen half is fixed
+(it does not learn), so the capacity that learns is rank r, as in the paper. (Paper/official code: zero-initialised
+output layer; here: the frozen-copy offset, so that the first steps are not wasted. See README.)
+
+Shapes: N tasks, s instruction length, D d_model, M adapted modules, h hidden width, r rank.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import re
+
+import torch
+import torch.nn as nn
+
+from model import T5
+
+# Module kinds an adapter may target, by the name of the Linear (see model.py).
+ATTENTION = ("q", "k", "v", "o")
+FFN = ("wi", "wi_0", "wi_1", "wo")
+
+
+def target_paths(t5: T5, modules=("q", "v"), stacks=("encoder.SelfAttention", "decoder.SelfAttention",
+                                                    "decoder.EncDecAttention")) -> list[str]:
+    """Hugging Face paths of the Linears to adapt, e.g. q and v of encoder self-, decoder self- and decoder
+    cross-attention (the paper's choice). FFN names ("wi", "wo", ...) select the FFN of every block."""
+    out = []
+    for path in t5.adaptable():
+        stack, _, _, _, _, sub, name = path.split(".")  # e.g. encoder.block.3.layer.0.SelfAttention.q
+        if name in modules and (name in FFN or f"{stack}.{sub}" in stacks):
+            out.append(path)
+    return out
+
+
+def target_kind(path: str) -> tuple[int, str]:
+    """("decoder.block.3.layer.1.EncDecAttention.q") -> (3, "decoder.EncDecAttention.q")."""
+    stack, _, layer, _, _, sub, name = path.split(".")
+    return int(layer), f"{stack}.{sub}.{name}"
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(N, s, D), (N, s) -> (N, D): the mean over real tokens only, padding excluded."""
+    m = mask.to(x.dtype).unsqueeze(-1)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+class Heads(nn.Module):
+    """One linear map per weight shape: h (N, M_g, hidden) -> A (N, M_g, r, in), B (N, M_g, out, r)."""
+
+    def __init__(self, hidden: int, shapes: list[tuple[int, int]], rank: int):
+        super().__init__()
+        self.r, self.shapes = rank, shapes
+        self.A = nn.ModuleList([nn.Linear(hidden, rank * d_in) for d_in, _ in shapes])
+        self.B = nn.ModuleList([nn.Linear(hidden, d_out * rank) for _, d_out in shapes])
+        for lin, (d_in, d_out) in zip(self.A, shapes):  # A ~ PEFT's kaiming scale 1/sqrt(in); B small
+            nn.init.normal_(lin.weight, std=1 / math.sqrt(hidden * d_in))
+            nn.init.zeros_(lin.bias)
+        for lin, (d_in, d_out) in zip(self.B, shapes):
+            nn.init.normal_(lin.weight, std=1 / math.sqrt(hidden * rank))
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, h: torch.Tensor, g: int):
+        N, Mg, _ = h.shape
+        d_in, d_out = self.shapes[g]
+        return (self.A[g](h).view(N, Mg, self.r, d_in),   # (N, M_g, r, in)
+                self.B[g](h).view(N, Mg, d_out, self.r))  # (N, M_g, out, r)
+
+
+class HyperNetwork(nn.Module):
+    """Instruction states -> {module path: (A, B)} for every target (Eq. 2). `scale` (= α/r) is folded into B."""
+
+    def __init__(self, t5: T5, targets: list[str], rank: int = 32, alpha: float = 32.0, hidden: int = 256):
+        super().__init__()
+        D, lins = t5.config.d_model, t5.adaptable()
+        self.targets, self.rank, self.scale = list(targets), rank, alpha / rank
+        shapes = sorted({(lins[p].in_features, lins[p].out_features) for p in self.targets})
+        self.group = [shapes.index((lins[p].in_features, lins[p].out_features)) for p in self.targets]
+        kinds = sorted({target_kind(p)[1] for p in self.targets})
+        layer_ids = torch.tensor([target_kind(p)[0] for p in self.targets])
+        kind_ids = torch.tensor([kinds.index(target_kind(p)[1]) for p in self.targets])
+        self.register_buffer("layer_ids", layer_ids, persistent=False)
+        self.register_buffer("kind_ids", kind_ids, persistent=False)
+        self.task_proj = nn.Linear(D, hidden)
+        self.layer_emb = nn.Embedding(int(layer_ids.max()) + 1, hidden)
+        self.kind_emb = nn.Embedding(len(kinds), hidden)
+        self.mlp = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.heads = Heads(hidden, shapes, rank)
+        self.heads0 = copy.deepcopy(self.heads).requires_grad_(False)  # the frozen offset, see the docstring
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """states (N, s, D) from the frozen encoder, mask (N, s) -> {path: (A (N, 2r, in), B (N, out, 2r))}."""
+        z = self.task_proj(masked_mean(states.float(), mask))              # (N, h)
+        e = self.layer_emb(self.layer_ids) + self.kind_emb(self.kind_ids)  # (M, h)
+        N, M = z.shape[0], e.shape[0]
+        h = self.mlp(torch.cat([z[:, None].expand(N, M, -1), e[None].expand(N, M, -1)], -1))  # (N, M, h)
+        out = {}
+        for g in range(len(self.heads.shapes)):
+            idx = [i for i, gi in enumerate(self.group) if gi == g]
+            A, B = self.heads(h[:, idx], g)              # (N, M_g, r, in), (N, M_g, out, r)
+            A0, B0 = self.heads0(h[:, idx].detach(), g)
+            A, B = torch.cat([A, A0], 2), torch.cat([B, -B0], 3) * self.scale  # rank 2r: [B, -B0]·[A; A0]
+            for j, i in enumerate(idx):
+                out[self.targets[i]] = (A[:, j], B[:, j])
+        return out
+
+
+class LoRABank(nn.Module):
+    """Static LoRAs, one per key (a task, a category, or a single shared one), all trained at once: each example
+    gathers its own key's factors and model.py applies them per example. PEFT initialisation: A kaiming-uniform,
+    B zero, scale α/r. These are the teachers of "Training with Instance" (paper §3.3)."""
+
+    def __init__(self, t5: T5, targets: list[str], num: int, rank: int = 32, alpha: float = 32.0):
+        super().__init__()
+        lins = t5.adaptable()
+        self.targets, self.rank, self.scale, self.num = list(targets), rank, alpha / rank, num
+        self.A, self.B = nn.ParameterList(), nn.ParameterList()
+        for p in self.targets:
+            A = torch.empty(num, rank, lins[p].in_features)
+            for a in A:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            self.A.append(nn.Parameter(A))                                       # (num, r, in)
+            self.B.append(nn.Parameter(torch.zeros(num, lins[p].out_features, rank)))  # (num, out, r)
+
+    def forward(self, idx: torch.Tensor | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """idx (N,) of keys -> {path: (A (N, r, in), B (N, out, r))}; None gives every key (num, ...)."""
+        pick = (lambda t: t) if idx is None else (lambda t: t[idx])
+        return {p: (pick(A), pick(B) * self.scale) for p, A, B in zip(self.targets, self.A, self.B)}
+
+    def get(self, i: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The adapter of one key as a static (N = 1) mapping."""
+        return self(torch.tensor([i], device=self.A[0].device))
+
+
+def safe_key(path: str) -> str:
+    return re.sub(r"\W", "_", path)
