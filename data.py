@@ -20,6 +20,7 @@ Run `python data.py runs/suite` to build the suite and its tokenizer and print a
 """
 import gzip
 import io
+import itertools
 import json
 import random
 import re
@@ -70,9 +71,7 @@ class Tokenizer:
         ids, start = [], 0
         for m in _SPECIAL.finditer(text):
             ids += self._pieces(text[start:m.start()])
-            special = m.group(0)
-            ids.append(self.sentinel_id(int(m.group(1))) if m.group(1) is not None
-                       else {"<pad>": 0, "</s>": 1, "<unk>": 2}[special])
+            ids.append(self.sentinel_id(int(m[1])) if m[1] is not None else ["<pad>", "</s>", "<unk>"].index(m[0]))
             start = m.end()
         ids += self._pieces(text[start:])
         return ids + [self.eos_id] if add_eos else ids
@@ -80,17 +79,9 @@ class Tokenizer:
     def decode(self, ids, skip_special: bool = True) -> str:
         """Like HF `decode(ids, skip_special_tokens=True)`. Negative ids (label padding -100) and ids past the
         vocabulary (T5's padded embedding rows) are always dropped; stopping at eos is the caller's job."""
-        pieces = []
-        for i in (ids.tolist() if torch.is_tensor(ids) else ids):
-            i = int(i)
-            if i < 0 or i >= self.vocab_size:
-                continue
-            if i < 3 or i >= self.num_pieces:
-                if not skip_special:
-                    pieces.append(f"<extra_id_{self.num_pieces + NUM_SENTINELS - 1 - i}>" if i >= self.num_pieces
-                                  else self.sp.id_to_piece(i))
-                continue
-            pieces.append(self.sp.id_to_piece(i))
+        ids = [int(i) for i in (ids.tolist() if torch.is_tensor(ids) else ids)]
+        pieces = [self.sp.id_to_piece(i) if i < self.num_pieces else f"<extra_id_{self.sentinel_id(0) - i}>"
+                  for i in ids if 0 <= i < self.vocab_size and not (skip_special and (i < 3 or i >= self.num_pieces))]
         text = "".join(pieces).replace("\u2581", " ")
         if pieces and pieces[0].startswith("\u2581"):  # the Metaspace decoder drops the first prefix space only
             text = text[1:]
@@ -109,17 +100,16 @@ def train_tokenizer(texts, out_file, vocab_size: int, model_type: str = "unigram
         sentence_iterator=(t for t in texts if t.strip()), model_writer=buf, vocab_size=vocab_size,
         model_type=model_type, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1, character_coverage=1.0,
         hard_vocab_limit=False, max_sentence_length=1 << 16, minloglevel=2)
-    out = Path(out_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(buf.getvalue())
-    return Tokenizer(out)
+    Path(out_file).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_file).write_bytes(buf.getvalue())
+    return Tokenizer(out_file)
 
 
 def truncate(ids: list[int], max_len: int, eos_id: int = 1) -> list[int]:
     """HF truncation: a cut sequence that ended in eos keeps eos as its last token."""
     if len(ids) <= max_len:
         return ids
-    return ids[:max_len - 1] + [eos_id] if ids and ids[-1] == eos_id else ids[:max_len]
+    return ids[:max_len - 1] + [eos_id] if ids[-1] == eos_id else ids[:max_len]
 
 
 # ---------------------------------------------------------------------------------------------------------- SNI
@@ -135,10 +125,8 @@ def _example_list(obj, path, field: str) -> list[dict]:
     for k, ex in enumerate(obj):
         _check(isinstance(ex, dict) and isinstance(ex.get("input"), str), path, f"{field}[{k}].input", "must be a str")
         y = ex.get("output")
-        if isinstance(y, list):  # some old files store a list of answers
-            _check(len(y) > 0 and isinstance(y[0], str), path, f"{field}[{k}].output", "empty or not str")
-            y = y[0]
-        _check(isinstance(y, str), path, f"{field}[{k}].output", "must be a str or a list of str")
+        y = y[0] if isinstance(y, list) and y else y  # some old files store a list of answers
+        _check(isinstance(y, str), path, f"{field}[{k}].output", "must be a str or a non-empty list of str")
         out.append({**ex, "output": y})
     return out
 
@@ -149,14 +137,12 @@ def load_sni_task(path) -> dict:
     try:
         task = json.loads(path.read_text(encoding="utf-8"))  # json accepts bare NaN; the text is never split on lines
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read task file: {e}") from None
+        raise ValueError(f"{path}: unreadable file or broken JSON: {e}") from None
     _check(isinstance(task, dict), path, "<top>", "must be a JSON object")
     d = task.get("Definition")
-    if isinstance(d, str):  # old schema: a plain string
-        d = [d]
-    _check(isinstance(d, list) and len(d) > 0 and all(isinstance(s, str) for s in d), path, "Definition",
+    d = [d] if isinstance(d, str) else d  # old schema: a plain string
+    _check(isinstance(d, list) and d and all(isinstance(s, str) for s in d) and d[0].strip(), path, "Definition",
            "must be a non-empty list of str")
-    _check(d[0].strip() != "", path, "Definition", "is empty")
     inst = task.get("Instances")
     _check(isinstance(inst, list), path, "Instances", "must be a list")
     for k, x in enumerate(inst):
@@ -183,9 +169,9 @@ def load_sni(data_dir, split: str = "default", part: str = "train", max_instance
         if not name:
             continue
         path = data_dir / "tasks" / f"{name}.json"
+        if not path.is_file() and missing_ok:
+            continue
         if not path.is_file():
-            if missing_ok:
-                continue
             raise ValueError(f"{path}: listed in {list_file} but missing (pass missing_ok=True to skip)")
         task = load_sni_task(path)
         langs = [task.get("Input_language", ["English"]), task.get("Output_language", ["English"])]
@@ -204,7 +190,8 @@ def _dot(s: str) -> str:
 
 def _example_block(kind: str, k: int, ex: dict, add_explanation: bool) -> str:
     block = f" {kind} Example {k} -\n" + _dot(f"Input: {ex['input'].strip()}") + "\n"
-    block += _dot(f" Output: {ex['output'].strip()}") + "\n"
+    y = ex["output"][0] if isinstance(ex["output"], list) else ex["output"]  # old files: a list of answers
+    block += _dot(f" Output: {y.strip()}") + "\n"
     if add_explanation and "explanation" in ex:
         block += _dot(f" Explanation: {ex['explanation'].strip()}") + "\n"
     return block + "\n"
@@ -300,9 +287,19 @@ def pad(seqs: list[list[int]], value: int = 0) -> tuple[torch.Tensor, torch.Tens
     return ids, mask
 
 
-def _order(seed: int, epoch: int, n: int, shuffle: bool = True) -> np.ndarray:
-    """The example order of one epoch: a permutation seeded by (seed, epoch) only, never by global RNG state."""
-    return np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+class _Stream:
+    """An endless stream of epochs over n items: position p -> item index. Epoch e's order is a permutation
+    seeded by (seed, e) only, never by global RNG state, so any position can be recomputed after a restart."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle, self.epoch, self.order = n, seed, shuffle, None, None
+
+    def __getitem__(self, p: int) -> int:
+        epoch, i = divmod(p, self.n)
+        if epoch != self.epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self.epoch, self.order = epoch, rng.permutation(self.n) if self.shuffle else np.arange(self.n)
+        return int(self.order[i])
 
 
 def _shard(items: list, batch_size: int, rank: int, world_size: int) -> list:
@@ -317,7 +314,7 @@ class Batcher:
     """Tokenises every example once; batch(step) is a pure function of (seed, step), so resuming is exact.
 
     Global batch `step` covers positions [step*B, (step+1)*B) of an endless stream of epochs; epoch e visits the
-    examples in the order _order(seed, e). With bucket=True, each window of `bucket_window` batches is sorted by
+    examples in an order seeded by (seed, e) (see _Stream). With bucket=True, each window of `bucket_window` batches is sorted by
     prompt length, cut into batches and those batches are shuffled (seeded by (seed, window)): less padding."""
 
     def __init__(self, examples: list[Example], tokenizer: Tokenizer, batch_size: int, seed: int = 0,
@@ -343,24 +340,19 @@ class Batcher:
                        else truncate(enc(e.prompt), max_source_len) for e in examples]
         self.target = [truncate(enc(e.target), max_target_len) for e in examples]
         self.task_idx = [self.task_index[e.task] for e in examples]
+        self.stream = _Stream(len(examples), seed, shuffle)
 
     def __len__(self) -> int:
         return len(self.examples)
-
-    def _position(self, p: int) -> int:
-        epoch, i = divmod(p, len(self.examples))
-        if getattr(self, "_cached_epoch", None) != epoch:
-            self._cached_epoch, self._cached_order = epoch, _order(self.seed, epoch, len(self.examples), self.shuffle)
-        return int(self._cached_order[i])
 
     def global_indices(self, step: int) -> list[int]:
         """Example indices of the whole (all ranks) batch number `step`."""
         B = self.batch_size
         if not self.bucket:
-            return [self._position(p) for p in range(step * B, (step + 1) * B)]
+            return [self.stream[p] for p in range(step * B, (step + 1) * B)]
         window, k = divmod(step, self.bucket_window)
         start = window * self.bucket_window * B
-        idx = [self._position(p) for p in range(start, start + self.bucket_window * B)]
+        idx = [self.stream[p] for p in range(start, start + self.bucket_window * B)]
         idx.sort(key=lambda i: (len(self.prompt[i]), len(self.source[i])))  # stable: ties keep the shuffled order
         batches = [idx[j:j + B] for j in range(0, len(idx), B)]
         random.Random(f"bucket-{self.seed}-{window}").shuffle(batches)
@@ -448,11 +440,8 @@ def p3_rank_items(records: list[dict]) -> list[dict]:
 def _text_files(paths) -> list[Path]:
     paths = [paths] if isinstance(paths, (str, Path)) else paths
     suffixes = (".json", ".json.gz", ".jsonl", ".jsonl.gz", ".txt")
-    files = []
-    for p in map(Path, paths):
-        found = sorted(f for f in p.rglob("*") if f.name.endswith(suffixes)) if p.is_dir() else [p]
-        files += found
-    return files
+    return [f for p in map(Path, paths)
+            for f in (sorted(f for f in p.rglob("*") if f.name.endswith(suffixes)) if p.is_dir() else [p])]
 
 
 def iter_texts(paths):
@@ -461,15 +450,9 @@ def iter_texts(paths):
         opener = gzip.open if f.suffix == ".gz" else open
         with opener(f, "rt", encoding="utf-8") as fh:  # text-mode lines end at \n / \r only, never at U+0085
             if f.name.endswith(".txt"):
-                para = []
-                for line in fh:
-                    if line.strip():
-                        para.append(line.rstrip("\r\n"))
-                    elif para:
-                        yield "\n".join(para)
-                        para = []
-                if para:
-                    yield "\n".join(para)
+                for real, lines in itertools.groupby(fh, key=lambda line: bool(line.strip())):
+                    if real:
+                        yield "\n".join(line.rstrip("\r\n") for line in lines)
                 continue
             for lineno, line in enumerate(fh, 1):
                 if line.strip():
@@ -498,7 +481,7 @@ def split_abc(ids: list[int], rng: random.Random, max_a: int = 512, max_b: int =
 
 class PretrainBatcher:
     """Batches of a | b | c splits; deterministic in (seed, step) like Batcher, with the same keys.
-    instruction = a + eos, input = b + eos, labels = c + eos, prompt = a + b + eos, task_idx = 0."""
+    instruction = a + eos, input = b + eos, labels = c + eos, prompt = a + b + eos, task_idx = row index (each row its own task)."""
 
     def __init__(self, sequences: list[list[int]], batch_size: int, seed: int = 0, eos_id: int = 1,
                  max_a: int = 512, max_b: int = 512, max_c: int = 128):
@@ -506,32 +489,28 @@ class PretrainBatcher:
         if not self.sequences:
             raise ValueError("no sequence with at least 3 tokens")
         self.batch_size, self.seed, self.eos_id, self.caps = batch_size, seed, eos_id, (max_a, max_b, max_c)
+        self.stream = _Stream(len(self.sequences), seed)
 
     @classmethod
     def from_texts(cls, texts, tokenizer: Tokenizer, max_docs: int, batch_size: int, **kw) -> "PretrainBatcher":
-        seqs = []
-        for text in texts:
-            if len(seqs) >= max_docs:
-                break
-            seqs.append(tokenizer.encode(text, add_eos=False))
+        seqs = [tokenizer.encode(text, add_eos=False) for text in itertools.islice(texts, max_docs)]
         return cls(seqs, batch_size, eos_id=tokenizer.eos_id, **kw)
 
     def __len__(self) -> int:
         return len(self.sequences)
 
     def batch(self, step: int, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
-        n, B, eos = len(self.sequences), self.batch_size, self.eos_id
+        B, eos = self.batch_size, self.eos_id
         rows = []
         for j in _shard(list(range(B)), B, rank, world_size):
-            epoch, i = divmod(step * B + j, n)
-            doc = self.sequences[int(_order(self.seed, epoch, n)[i])]
+            doc = self.sequences[self.stream[step * B + j]]
             rows.append(split_abc(doc, random.Random(f"{self.seed}-{step}-{j}"), *self.caps))
         out = {}
         out["input_ids"], out["attention_mask"] = pad([b + [eos] for a, b, c in rows])
         out["instruction_ids"], out["instruction_mask"] = pad([a + [eos] for a, b, c in rows])
         out["prompt_ids"], out["prompt_mask"] = pad([a + b + [eos] for a, b, c in rows])
         out["labels"], _ = pad([c + [eos] for a, b, c in rows], value=-100)
-        out["task_idx"] = torch.zeros(len(rows), dtype=torch.long)
+        out["task_idx"] = torch.arange(len(rows))  # every row is its own "task": its own a
         return out
 
 
@@ -549,10 +528,6 @@ def _fill(pattern: str, p: tuple, out: str = "") -> str:
     return pattern.format(*(f"'{w}'" for w in p), out=out)
 
 
-def _pos(words, p):  # index of the main word
-    return words.index(p[0])
-
-
 # family: (number of parameter words, definition templates, rule(words, params) -> output, explanation template)
 SUITE_FAMILIES = {
     "contains": (1, ["Answer yes if the word {0} appears in the input, otherwise answer no.",
@@ -560,13 +535,13 @@ SUITE_FAMILIES = {
                  lambda w, p: "yes" if p[0] in w else "no", "The answer is {out} because we look for {0}."),
     "after": (1, ["Output the word that comes right after {0} in the input.",
                   "Find the word {0} in the input and answer with the next word."],
-              lambda w, p: w[_pos(w, p) + 1], "The word after {0} is '{out}'."),
+              lambda w, p: w[w.index(p[0]) + 1], "The word after {0} is '{out}'."),
     "before": (1, ["Output the word that comes right before {0} in the input.",
                    "Find the word {0} in the input and answer with the previous word."],
-               lambda w, p: w[_pos(w, p) - 1], "The word before {0} is '{out}'."),
+               lambda w, p: w[w.index(p[0]) - 1], "The word before {0} is '{out}'."),
     "position": (1, ["Give the position of the word {0} in the input, counting from 1.",
                      "Where is the word {0} in the input? Answer with its position, starting at 1."],
-                 lambda w, p: str(_pos(w, p) + 1), "The word {0} is word number {out}."),
+                 lambda w, p: str(w.index(p[0]) + 1), "The word {0} is word number {out}."),
     "order": (2, ["Answer yes if {0} comes before {1} in the input, otherwise answer no.",
                   "Both {0} and {1} are in the input. Is {0} first? Answer yes or no."],
               lambda w, p: "yes" if w.index(p[0]) < w.index(p[1]) else "no", "The answer is {out}."),
@@ -645,18 +620,20 @@ def make_suite(out_dir, seed: int = 0, instances_per_task: int = 300) -> Path:
 
 
 def suite_texts(suite_dir) -> list[str]:
-    """Texts to train the suite tokenizer on: every definition, example and instance, one rendered prompt per task
-    (for the template words) and the printable ASCII characters (so nothing typed is <unk>)."""
+    """Texts for the suite tokenizer: the printable ASCII characters (nothing typed is <unk>), every template of
+    every family (so their words count whatever templates the seed drew), ten full prompts (with explanations)
+    per task and every instance."""
     texts = [string.printable.strip()]
+    texts += [_fill(t, tuple(SUITE_WORDS[k:k + 3])) for _, ts, _, e in SUITE_FAMILIES.values() for t in ts + [e]
+              for k in range(0, len(SUITE_WORDS) - 2, 3)]
     for f in sorted(Path(suite_dir, "tasks").glob("*.json")):
         task = load_sni_task(f)
-        texts.append(sni_prompt(task, task["Instances"][0]["input"], num_pos=2, add_explanation=True))
-        texts += task["Definition"] + [e["explanation"] for e in task["Positive Examples"]]
+        texts += [sni_prompt(task, x["input"], add_explanation=True) + x["output"][0] for x in task["Instances"][:10]]
         texts += [s for x in task["Instances"] for s in [x["input"], *x["output"]]]
     return texts
 
 
-def ensure_suite(suite_dir, seed: int = 0, vocab_size: int = 400, instances_per_task: int = 300) -> Path:
+def ensure_suite(suite_dir, seed: int = 0, vocab_size: int = 440, instances_per_task: int = 300) -> Path:
     """Build the suite and its tokenizer (suite_dir/spiece.model) unless a build for this seed is already there."""
     d = Path(suite_dir)
     stamp = {"seed": seed, "vocab_size": vocab_size, "instances_per_task": instances_per_task}
@@ -667,7 +644,7 @@ def ensure_suite(suite_dir, seed: int = 0, vocab_size: int = 400, instances_per_
         if (d / "spiece.model").is_file():
             return d
     make_suite(d, seed, instances_per_task)
-    train_tokenizer(suite_texts(d), d / "spiece.model", vocab_size)
+    train_tokenizer(suite_texts(d), d / "spiece.model", vocab_size, model_type="bpe")  # BPE: whole words
     (d / "suite.json").write_text(json.dumps(stamp, indent=2) + "\n")
     return d
 

@@ -55,16 +55,12 @@ class FusionLayer(nn.Module):
         super().__init__()
         cfg = replace(t5.config, dropout_rate=0.0)  # no dropout: it would break the exact cancellation
         self.norm, self.attn = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon), Attention(cfg, has_bias=False)
-        self.frozen = [copy.deepcopy(nn.ModuleList([self.norm, self.attn])).requires_grad_(False)]
+        self.frozen = copy.deepcopy(nn.ModuleList([self.norm, self.attn])).requires_grad_(False)
 
     def forward(self, x, ctx, ctx_bias):
         """x (N, S, D) attends to ctx (N, s, D) under ctx_bias (N, 1, 1, s) -> (N, S, D)."""
-        norm0, attn0 = self.frozen[0]
+        norm0, attn0 = self.frozen
         return self.attn(self.norm(x), ctx_bias, kv=ctx) - attn0(norm0(x.detach()), ctx_bias, kv=ctx.detach())
-
-    def _apply(self, fn, recurse=True):  # keep the frozen copy (not a submodule: not trained, not saved) in step
-        self.frozen[0]._apply(fn)
-        return super()._apply(fn, recurse)
 
 
 def additive_mask(mask: torch.Tensor, dtype) -> torch.Tensor:
@@ -76,19 +72,21 @@ def additive_mask(mask: torch.Tensor, dtype) -> torch.Tensor:
 # Losses (Eqs. 3-5), each its own function
 
 
-def ce_loss(logits, labels):
-    """Eq. 3: mean token cross-entropy over real target tokens. logits (N, T, V), labels (N, T) with -100."""
-    return token_nll(logits, labels).sum() / (labels != -100).sum().clamp(min=1)
+def ce_loss(logits, labels, n_tokens=None):
+    """Eq. 3: mean token cross-entropy over real target tokens. logits (N, T, V), labels (N, T) with -100.
+    n_tokens: the divisor when this batch is a shard of a larger one (default: its own real tokens)."""
+    return token_nll(logits, labels).sum() / (labels != -100).sum().clamp(min=1) if n_tokens is None else \
+        token_nll(logits, labels).sum() / n_tokens
 
 
-def kl_loss(student, teacher, labels, T: float):
+def kl_loss(student, teacher, labels, T: float, n_tokens=None):
     """Eq. 4: T^2 · KL(softmax(z_t/T) || softmax(z_s/T)) per target token, averaged over real tokens only.
     student, teacher (N, T, V) logits on the same target positions; labels (N, T) marks padding with -100."""
     log_s = F.log_softmax(student.float() / T, -1)
     log_t = F.log_softmax(teacher.float() / T, -1)
     kl = (log_t.exp() * (log_t - log_s)).sum(-1)  # (N, T)
     keep = labels != -100
-    return T * T * (kl * keep).sum() / keep.sum().clamp(min=1)
+    return T * T * (kl * keep).sum() / (keep.sum().clamp(min=1) if n_tokens is None else n_tokens)
 
 
 def lora_distance(A1, B1, A2, B2):
@@ -101,7 +99,7 @@ def lora_distance(A1, B1, A2, B2):
 
 
 def ins_loss(gen: dict, teacher: dict, mode: str, rank: int):
-    """Eq. 5: distance between generated adapters and the teacher LoRA, summed over targets, mean over tasks.
+    """Eq. 5: distance between generated adapters and the teacher LoRA, summed over targets, per task (U,).
     gen/teacher: {path: (A (U, r, in), B (U, out, r))} with α/r already folded into B (so scales match).
     "params": factor MSE between the hypernetwork's trainable rank-r half and the teacher's factors (the official
     code pairs A with B transposed; we do not). "delta": the gauge-invariant distance between the updates."""
@@ -109,10 +107,10 @@ def ins_loss(gen: dict, teacher: dict, mode: str, rank: int):
     for p, (A, B) in gen.items():
         At, Bt = teacher[p]
         if mode == "delta":
-            total = total + lora_distance(A, B, At, Bt).mean()
+            total = total + lora_distance(A, B, At, Bt)
         elif mode == "params":
-            total = total + F.mse_loss(A[:, :rank].float(), At.float()) + F.mse_loss(B[:, :, :rank].float(),
-                                                                                     Bt.float())
+            total = total + (A[:, :rank].float() - At.float()).pow(2).mean((1, 2)) + \
+                (B[:, :, :rank].float() - Bt.float()).pow(2).mean((1, 2))
         else:
             raise ValueError(f"ins_mode must be 'delta' or 'params', not {mode!r}")
     return total
@@ -163,7 +161,7 @@ class TAGI(nn.Module):
             return enc, attention_mask
         return torch.cat([states.to(enc.dtype), enc], 1), torch.cat([smask, attention_mask], 1)  # (N, s+S, D)
 
-    def student(self, batch):
+    def student(self, batch, return_inverse=False):
         """The student on instance-only inputs. Adapters are generated once per distinct task in the batch and
         gathered per example. Returns (logits (N, T, V), generated adapters per distinct task, task index (U,))."""
         tasks, first, inv = unique_first(batch["task_idx"])
@@ -171,14 +169,15 @@ class TAGI(nn.Module):
         per_ex = {p: (A[inv], B[inv]) for p, (A, B) in gen.items()}
         mem, mmask = self.student_memory(batch["input_ids"], batch["attention_mask"], states[inv], smask[inv], per_ex)
         logits = self.t5.decode(shift_right(batch["labels"]), mem, mmask, per_ex)
-        return logits, gen, tasks
+        return (logits, gen, tasks, inv) if return_inverse else (logits, gen, tasks)
 
-    def loss(self, batch, teachers=None, teacher_of_task=None) -> dict[str, torch.Tensor]:
+    def loss(self, batch, teachers=None, teacher_of_task=None, n_tokens=None, n_examples=None):
         """Eq. 6. teachers: a LoRABank; teacher_of_task: (num_tasks,) long tensor mapping task_idx -> bank key.
-        Returns every term (so each can be logged) and "loss", the weighted sum of the terms switched on."""
+        Returns every term (so each can be logged) and "loss", the weighted sum of the terms switched on.
+        n_tokens / n_examples: divisors when the batch is a shard of a larger one (DDP, accumulation)."""
         c = self.cfg
-        logits, gen, tasks = self.student(batch)
-        out = {"ce": ce_loss(logits, batch["labels"])}
+        logits, gen, tasks, inv = self.student(batch, return_inverse=True)
+        out = {"ce": ce_loss(logits, batch["labels"], n_tokens)}
         if (c.kl_weight or c.ins_weight) and teachers is None:
             raise ValueError("kl_weight / ins_weight need a teacher bank (train.py --stage teachers)")
         if c.kl_weight:
@@ -186,11 +185,12 @@ class TAGI(nn.Module):
                 key = teacher_of_task[batch["task_idx"]]
                 t_logits = self.t5(batch["prompt_ids"], batch["prompt_mask"], labels=batch["labels"],
                                    adapters=teachers(key)).logits
-            out["kl"] = kl_loss(logits, t_logits, batch["labels"], c.temperature)
+            out["kl"] = kl_loss(logits, t_logits, batch["labels"], c.temperature, n_tokens)
         if c.ins_weight:
             with torch.no_grad():
                 t_ad = teachers(teacher_of_task[tasks])
-            out["ins"] = ins_loss(gen, t_ad, c.ins_mode, c.rank)
+            per_task = ins_loss(gen, t_ad, c.ins_mode, c.rank)  # (U,), weighted by each task's examples
+            out["ins"] = per_task[inv].sum() / (len(inv) if n_examples is None else n_examples)
         out["loss"] = c.ce_weight * out["ce"] + c.kl_weight * out.get("kl", 0.0) + c.ins_weight * out.get("ins", 0.0)
         return out
 
@@ -210,9 +210,6 @@ class TAGI(nn.Module):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         sd = self.trainable_state_dict()
-        if self.fusion is not None:
-            for i, f in enumerate(self.fusion):
-                sd.update({f"fusion.{i}.frozen.{k}": v for k, v in f.frozen[0].state_dict().items()})
         save_safetensors(sd, out_dir / "tagi.safetensors")
         atomic_write_text(out_dir / "tagi.json", json.dumps({"config": asdict(self.cfg), **info}, indent=2) + "\n")
 
@@ -223,15 +220,11 @@ class TAGI(nn.Module):
         cfg = TAGIConfig(**{**meta["config"], "modules": tuple(meta["config"]["modules"])})
         model = cls(t5, cfg)
         sd = load_safetensors(ckpt_dir / "tagi.safetensors")
-        frozen = {k: sd.pop(k) for k in list(sd) if ".frozen." in k}
         missing, unexpected = model.load_state_dict(sd, strict=False)
         missing = [k for k in missing if not k.startswith("t5.")]
         if missing or unexpected:
-            raise ValueError(f"{ckpt_dir / 'tagi.safetensors'}: missing {missing}, unexpected {unexpected}")
-        if model.fusion is not None:
-            for i, f in enumerate(model.fusion):
-                pre = f"fusion.{i}.frozen."
-                f.frozen[0].load_state_dict({k[len(pre):]: v for k, v in frozen.items() if k.startswith(pre)})
+            raise ValueError(f"{ckpt_dir / 'tagi.safetensors'}: not a TAGI checkpoint of this configuration: "
+                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
         return model
 
 

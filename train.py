@@ -1,0 +1,649 @@
+"""Train TAGI, stage by stage (paper §3.3-3.4), behind one command line.
+
+    python train.py                            # the whole pipeline on the built-in suite, then the results table
+    python train.py --stage pretrain           # one stage (missing earlier stages are built first, and said so)
+    python train.py --stage finetune --data sni --data_dir natural-instructions --model t5-lm-base --out runs/sni
+    torchrun --nproc_per_node 2 train.py ...   # PyTorch DDP: each rank reads its own shard of every batch
+
+Stages (each writes <out>/<stage>/ and can be resumed with --resume):
+    base      the suite only: a tiny T5 trained from scratch (span corruption + prefix LM on suite text), standing
+              in for T5-LM-adapt. Real runs pass --model instead.
+    teachers  "Training with Instance": one LoRA per training task (--group task) or category, all in one bank,
+              on the frozen base with the full Tk-Instruct prompt. --group all trains one shared LoRA: the
+              instruction-concatenation baseline; with --teacher_input instance, the no-instruction baseline.
+    pretrain  hypernetwork pretraining on plain text cut as a | b | c: a is the "instruction", b the input, c
+              the target; cross-entropy only.
+    finetune  TAGI on the tasks with L_ce + λ1·L_kl + λ2·L_ins, starting from the pretrained hypernetwork.
+
+Every stage: AdamW, linear warmup then cosine decay, gradient accumulation, bf16 autocast on CUDA, gradient
+clipping, a tqdm bar, one JSON line per logged step (<stage>/log.jsonl), checkpoints in safetensors + JSON
+written atomically, exact resume (same batches, same RNG), a stop with the last good checkpoint kept on NaN/inf.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+import data
+from hypernet import LoRABank, target_paths
+from model import T5, T5Config, atomic_write_text, load_safetensors, save_safetensors, token_nll
+from tagi import TAGI, TAGIConfig, ce_loss
+
+HERE = Path(__file__).resolve().parent
+SUITE_BASE = HERE / "assets" / "suite-base"  # committed output of `python train.py --stage base` (see README)
+
+
+@dataclass
+class Config:
+    stage: str = "all"              # base | teachers | pretrain | finetune | all (pipeline + evaluation)
+    data: str = "suite"             # suite | sni | p3
+    data_dir: str = ""              # SNI clone / P3 folder (the suite is generated under <out>/suite)
+    model: str = ""                 # Hugging Face T5 directory (suite: <out>/base, or the committed one)
+    tokenizer: str = ""             # spiece.model (default: <model>/spiece.model)
+    text: str = ""                  # pretraining text: C4 *.json(.gz) shards / *.txt files (default: task text)
+    out: str = "runs/default"
+    group: str = "task"             # teachers: task | category | all
+    teacher_input: str = "prompt"   # teachers: prompt (full Tk-Instruct prompt) | instance (no instruction)
+    num_pos: int = 2                # positive examples in prompts and instructions: 0 = "Def", 2 = "Def+2Pos"
+    max_instances: int = 100        # per training task (SNI: 100)
+    fusion: str = "concat"          # concat | encoder | none
+    rank: int = 0                   # LoRA rank (0: 32 for real models, 8 for the suite)
+    alpha: float = 0.0              # LoRA alpha (0: = rank)
+    modules: str = ""               # adapted Linears (default "q,v"; the suite adapts every Linear)
+    hidden: int = 256               # hypernetwork width
+    ce_weight: float = 1.0
+    kl_weight: float = 1.0
+    ins_weight: float = 0.0
+    temperature: float = 2.0
+    ins_mode: str = "delta"
+    no_pretrain: bool = False       # finetune from a fresh hypernetwork (ablation)
+    steps: int = 0                  # optimizer steps (0: the stage's default, see DEFAULTS)
+    lr: float = 0.0                 # peak learning rate (0: the stage's default)
+    batch_size: int = 0             # global batch per optimizer step (0: the stage's default)
+    grad_accum: int = 1
+    warmup: float = 0.02            # fraction of steps
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    max_source_len: int = 1024
+    max_target_len: int = 128
+    max_instruction_len: int = 1024
+    bf16: bool = True               # autocast on CUDA
+    grad_checkpointing: bool = False
+    compile: bool = False
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 25
+    save_every: int = 500
+    resume: bool = False
+    quick: bool = False             # a short pipeline (CI): fewer steps and instances
+    eval_instances: int = 100       # evaluation: first N instances of each test task
+
+
+# (steps, lr, batch) per stage. Paper (T5-LM-base, SNI): pretrain 50k steps lr 1e-3 batch 8; finetune 20k, 1e-4, 16.
+DEFAULTS = {
+    "suite": {"base": (2500, 2e-3, 64), "teachers": (300, 3e-3, 32), "pretrain": (200, 1e-3, 32),
+              "finetune": (600, 1e-3, 32)},
+    "real": {"base": (0, 0, 0), "teachers": (2000, 1e-4 * 10, 16), "pretrain": (50000, 1e-3, 8),
+             "finetune": (20000, 1e-4, 16)},
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed helpers (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; one process is the default)
+
+
+def setup_distributed(device: str):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, torch.device(device)
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+def say(msg: str):
+    if int(os.environ.get("RANK", "0")) == 0:
+        tqdm.write(msg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Objectives: one nn.Module per stage whose forward(batch, norm) returns a dict of losses with "loss"
+
+
+def span_corrupt(ids: list[int], rng: random.Random, vocab: int, rate=0.15, span=3):
+    """T5's denoising objective: replace ~rate of the tokens, in spans of ~span, by sentinels; the target lists
+    the dropped spans after their sentinels."""
+    n = len(ids)
+    n_spans = max(1, round(n * rate / span))
+    starts = sorted(rng.sample(range(n), min(n_spans, n)))
+    src, tgt, pos, k = [], [], 0, 0
+    for s in starts:
+        if s < pos:
+            continue
+        e = min(n, s + rng.randint(1, 2 * span - 1))
+        src += ids[pos:s] + [vocab - 1 - k]
+        tgt += [vocab - 1 - k] + ids[s:e]
+        pos, k = e, k + 1
+    return src + ids[pos:], tgt
+
+
+class Objective(nn.Module):
+    """A stage's trainable system. forward(batch, norm) -> {"loss": ..., other terms}; `norm` holds count(batch)
+    summed over the micro-batches and ranks of one optimizer step, so losses are exact global means."""
+    frozen: tuple = ()  # state-dict prefixes of inputs the stage does not train (not saved in its checkpoints)
+
+    def count(self, batch):
+        return {"tokens": (batch["labels"] != -100).sum(), "examples": torch.tensor(len(batch["labels"]))}
+
+    def trained_state(self):
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(self.frozen)}
+
+    def load_trained_state(self, sd, path):
+        missing, unexpected = self.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not k.startswith(self.frozen)]
+        if missing or unexpected:
+            raise ValueError(f"{path}: not a checkpoint of this stage: missing {missing[:5]}, unexpected "
+                             f"{unexpected[:5]}")
+
+
+class BaseObjective(Objective):
+    """The base stage: plain T5 cross-entropy, every weight trained."""
+
+    def __init__(self, t5: T5):
+        super().__init__()
+        self.t5 = t5
+
+    def forward(self, batch, norm):
+        logits = self.t5(batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).logits
+        return {"loss": ce_loss(logits, batch["labels"], norm["tokens"])}
+
+
+class TeacherObjective(Objective):
+    """The teachers stage: frozen T5 + each example's LoRA from the bank, cross-entropy on the full prompt (or
+    the instance alone). The loss is a sum over keys of each key's mean token loss, so every LoRA gets exactly
+    the gradient it would get if trained alone on its own examples (and AdamW acts element by element)."""
+    frozen = ("t5.",)
+
+    def __init__(self, t5: T5, bank: LoRABank, key_of_task: torch.Tensor, use_prompt: bool):
+        super().__init__()
+        self.t5, self.bank, self.use_prompt = t5.requires_grad_(False), bank, use_prompt
+        self.register_buffer("key_of_task", key_of_task, persistent=False)
+
+    def count(self, batch):
+        tokens = (batch["labels"] != -100).sum(1).float()
+        return {"key_tokens": torch.zeros(self.bank.num, device=tokens.device).index_add_(
+            0, self.key_of_task[batch["task_idx"]], tokens)}
+
+    def forward(self, batch, norm):
+        ids, mask = (batch["prompt_ids"], batch["prompt_mask"]) if self.use_prompt else \
+            (batch["input_ids"], batch["attention_mask"])
+        key = self.key_of_task[batch["task_idx"]]
+        logits = self.t5(ids, mask, labels=batch["labels"], adapters=self.bank(key)).logits
+        nll = token_nll(logits, batch["labels"]).sum(1)  # (N,)
+        return {"loss": (nll / norm["key_tokens"][key].clamp(min=1)).sum()}
+
+
+class TAGIObjective(Objective):
+    frozen = ("tagi.t5.", "teachers.")
+
+    def __init__(self, tagi: TAGI, teachers: LoRABank | None, key_of_task: torch.Tensor | None):
+        super().__init__()
+        self.tagi, self.teachers = tagi, teachers
+        if teachers is not None:
+            teachers.requires_grad_(False)
+            self.register_buffer("key_of_task", key_of_task, persistent=False)
+
+    def forward(self, batch, norm):
+        return self.tagi.loss(batch, self.teachers, getattr(self, "key_of_task", None), norm["tokens"],
+                              norm["examples"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The training loop (shared by every stage)
+
+
+def get_lr(step: int, steps: int, lr: float, warmup: float) -> float:
+    """Linear warmup over the first `warmup` fraction of steps, then cosine decay to lr/10."""
+    w = max(1, int(warmup * steps))
+    if step < w:
+        return lr * (step + 1) / w
+    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - w) / max(1, steps - w))))
+
+
+def save_checkpoint(stage_dir: Path, objective, opt, step: int, cfg: Config, stage: str):
+    """<stage>/ckpt-<step>/ {trained.safetensors, optimizer.safetensors, state.json}, then <stage>/latest is
+    replaced atomically, then older checkpoints are removed: a crash at any moment leaves one loadable."""
+    d = stage_dir / f"ckpt-{step:07d}"
+    d.mkdir(parents=True, exist_ok=True)
+    save_safetensors(objective.trained_state(), d / "trained.safetensors")
+    osd = opt.state_dict()
+    tensors = {f"{i}.{k}": v for i, s in osd["state"].items() for k, v in s.items()}
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    save_safetensors(tensors, d / "optimizer.safetensors")
+    atomic_write_text(d / "state.json", json.dumps({"stage": stage, "step": step, "config": asdict(cfg),
+                                                     "param_groups": osd["param_groups"]}, indent=1))
+    atomic_write_text(stage_dir / "latest", d.name + "\n")
+    for old in stage_dir.glob("ckpt-*"):
+        if old.name != d.name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(stage_dir: Path, objective, opt, stage: str) -> int:
+    d = stage_dir / (stage_dir / "latest").read_text().strip()
+    state = json.loads((d / "state.json").read_text())
+    if state["stage"] != stage:
+        raise ValueError(f"{d / 'state.json'}: field 'stage' is {state['stage']!r}, this run is {stage!r}")
+    objective.load_trained_state(load_safetensors(d / "trained.safetensors"), d / "trained.safetensors")
+    tensors = load_safetensors(d / "optimizer.safetensors")
+    torch.set_rng_state(tensors.pop("rng.cpu"))
+    cuda_rng = tensors.pop("rng.cuda", None)
+    if cuda_rng is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda_rng)
+    opt_state = {}
+    for k, v in tensors.items():
+        i, name = k.split(".", 1)
+        opt_state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    return state["step"]
+
+
+def fit(cfg: Config, stage: str, stage_dir: Path, objective, batcher, device) -> None:
+    """Train `objective` for cfg.steps optimizer steps over batcher.batch(step * grad_accum + k)."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    steps, lr = cfg.steps, cfg.lr
+    params = [p for p in objective.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    start = 0
+    if cfg.resume and (stage_dir / "latest").exists():
+        start = load_checkpoint(stage_dir, objective, opt, stage)
+        say(f"[{stage}] resumed from step {start}")
+    elif (stage_dir / "latest").exists() and rank == 0:
+        say(f"[{stage}] {stage_dir} holds a checkpoint; starting over (use --resume to continue it)")
+    model = objective
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.bf16 else nullcontext()
+    log = open(stage_dir / "log.jsonl", "a") if rank == 0 else None
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=stage, disable=rank != 0, dynamic_ncols=True)
+    step, t0, tokens = start, time.time(), 0
+    try:
+        for step in bar:
+            for g in opt.param_groups:
+                g["lr"] = get_lr(step, steps, lr, cfg.warmup)
+            micro = [{k: v.to(device) for k, v in batcher.batch(step * cfg.grad_accum + k, rank, world).items()}
+                     for k in range(cfg.grad_accum)]
+            counts = [objective.count(b) for b in micro]  # normalisers over the whole global batch, all ranks
+            norm = {k: all_sum(sum(c[k] for c in counts).float()) for k in counts[0]}
+            terms = {}
+            for k, b in enumerate(micro):
+                sync = nullcontext() if world == 1 or k == cfg.grad_accum - 1 else model.no_sync()
+                with sync, autocast:
+                    out = model(b, norm)
+                (out["loss"] * world).backward()  # DDP averages over ranks; the norm already divides by all
+                for name, v in out.items():
+                    terms[name] = terms.get(name, 0.0) + v.detach().float()
+                tokens += int(b["input_ids"].numel() + (b["labels"] != -100).sum())
+            terms = {k: all_sum(v).item() for k, v in terms.items()}
+            if not math.isfinite(terms["loss"]):
+                last = (stage_dir / "latest").read_text().strip() if (stage_dir / "latest").exists() else "none"
+                raise FloatingPointError(f"[{stage}] loss is {terms['loss']} at step {step}; stopped without "
+                                         f"saving. Last good checkpoint: {stage_dir / last}")
+            if cfg.clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+                dt = time.time() - t0
+                rec = {"step": step + 1, **{k: round(v, 5) for k, v in terms.items()},
+                       "lr": opt.param_groups[0]["lr"], "ms_per_step": round(1000 * dt / cfg.log_every, 1),
+                       "tokens_per_s": round(tokens * world / max(dt, 1e-9))}
+                bar.set_postfix(loss=f"{terms['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=rec["tokens_per_s"])
+                if log:
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                t0, tokens = time.time(), 0
+            if (step + 1) % cfg.save_every == 0 and step + 1 < steps and rank == 0:
+                save_checkpoint(stage_dir, objective, opt, step + 1, cfg, stage)
+    except KeyboardInterrupt:
+        if rank == 0:
+            save_checkpoint(stage_dir, objective, opt, step, cfg, stage)
+            say(f"[{stage}] interrupted: saved step {step} to {stage_dir}; continue with --resume")
+        raise SystemExit(130)
+    if rank == 0:
+        save_checkpoint(stage_dir, objective, opt, steps, cfg, stage)
+        if log:
+            log.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stages
+
+
+def stage_dirs(cfg: Config) -> dict[str, Path]:
+    out = Path(cfg.out)
+    return {"suite": Path(cfg.data_dir) if cfg.data_dir else out / "suite", "base": out / "base",
+            "pretrain": out / "pretrain", "finetune": out / "finetune"}
+
+
+def teachers_dir(cfg: Config, group=None, teacher_input=None) -> Path:
+    group, teacher_input = group or cfg.group, teacher_input or cfg.teacher_input
+    return Path(cfg.out) / f"teachers-{group}{'-instance' if teacher_input == 'instance' else ''}"
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill the defaults that depend on other settings (data kind, stage); validate names."""
+    for name, allowed in (("stage", ("all", "base", "teachers", "pretrain", "finetune")), ("data", ("suite", "sni", "p3")),
+                          ("group", ("task", "category", "all")), ("teacher_input", ("prompt", "instance"))):
+        if getattr(cfg, name) not in allowed:
+            raise SystemExit(f"--{name} must be one of {allowed}, not {getattr(cfg, name)!r}")
+    suite = cfg.data == "suite"
+    if suite:
+        cfg.data_dir = str(stage_dirs(cfg)["suite"])
+        cfg.max_source_len, cfg.max_target_len, cfg.max_instruction_len = 256, 32, 256
+    elif not cfg.data_dir:
+        raise SystemExit(f"--data {cfg.data} needs --data_dir (a local SNI clone or P3 folder)")
+    cfg.rank = cfg.rank or (8 if suite else 32)
+    cfg.alpha = cfg.alpha or float(cfg.rank)
+    cfg.modules = cfg.modules or ("q,k,v,o,wi_0,wi_1,wo" if suite else "q,v")
+    return cfg
+
+
+def stage_defaults(cfg: Config, stage: str) -> Config:
+    steps, lr, bs = DEFAULTS["suite" if cfg.data == "suite" else "real"][stage]
+    c = Config(**asdict(cfg))
+    c.steps, c.lr, c.batch_size = cfg.steps or steps, cfg.lr or lr, cfg.batch_size or bs
+    if cfg.quick:
+        c.steps = max(10, c.steps // 10)
+    return c
+
+
+def base_model_dir(cfg: Config) -> Path:
+    if cfg.model:
+        return Path(cfg.model)
+    own = stage_dirs(cfg)["base"]
+    if (own / "model.safetensors").exists() or cfg.data != "suite":
+        return own
+    return SUITE_BASE
+
+
+def load_base(cfg: Config, device) -> tuple[T5, data.Tokenizer, Path]:
+    mdir = base_model_dir(cfg)
+    if not (mdir / "config.json").exists():
+        raise SystemExit(f"no base model at {mdir}: pass --model DIR (a Hugging Face T5 folder) or run --stage base")
+    tok_path = Path(cfg.tokenizer) if cfg.tokenizer else mdir / "spiece.model"
+    if not tok_path.exists():
+        raise SystemExit(f"no tokenizer at {tok_path}: pass --tokenizer PATH/spiece.model")
+    tok = data.Tokenizer(tok_path)
+    t5 = T5.from_pretrained(mdir).to(device).eval()
+    if tok.vocab_size > t5.config.vocab_size:
+        raise SystemExit(f"tokenizer {tok_path} has {tok.vocab_size} ids but the model {mdir} only "
+                         f"{t5.config.vocab_size} embeddings: they do not belong together")
+    if cfg.data == "suite" and tok.vocab_size != data.Tokenizer(Path(cfg.data_dir) / "spiece.model").vocab_size:
+        raise SystemExit(f"the suite's tokenizer in {cfg.data_dir} differs from {tok_path}")
+    return t5, tok, mdir
+
+
+def task_examples(cfg: Config, part: str):
+    if cfg.data == "p3":
+        return data.p3_examples(data.load_p3(Path(cfg.data_dir) / part))
+    n = cfg.max_instances if part == "train" else cfg.eval_instances
+    if cfg.quick:
+        n = min(n, 20)
+    tasks = data.load_sni(cfg.data_dir, part=part, max_instances=n)
+    return data.sni_examples(tasks, num_pos=cfg.num_pos)
+
+
+def batcher(cfg: Config, examples, tok, **kw):
+    return data.Batcher(examples, tok, cfg.batch_size, seed=cfg.seed, max_source_len=cfg.max_source_len,
+                        max_target_len=cfg.max_target_len, max_instruction_len=cfg.max_instruction_len, **kw)
+
+
+def write_stage_info(d: Path, **info):
+    atomic_write_text(d / "stage.json", json.dumps(info, indent=2) + "\n")
+
+
+def read_stage_info(d: Path, stage: str) -> dict:
+    f = d / "stage.json"
+    if not f.exists():
+        raise SystemExit(f"{d} holds no finished {stage} stage (no stage.json)")
+    info = json.loads(f.read_text())
+    if info.get("stage") != stage:
+        raise SystemExit(f"{f}: field 'stage' is {info.get('stage')!r}, expected {stage!r}")
+    return info
+
+
+def run_base(cfg: Config, device):
+    """Suite only: train a tiny T5 from scratch on the training tasks' text (held-out tasks never seen) with
+    T5's span corruption and prefix LM (the 'LM-adapt' objective), half and half."""
+    if cfg.data != "suite":
+        raise SystemExit("--stage base exists only for the built-in suite; real runs pass --model DIR")
+    d = stage_dirs(cfg)["base"]
+    d.mkdir(parents=True, exist_ok=True)
+    tok = data.Tokenizer(Path(cfg.data_dir) / "spiece.model")
+    torch.manual_seed(cfg.seed)
+    t5 = T5(T5Config.tiny(tok.vocab_size)).to(device)
+    tasks = data.load_sni(cfg.data_dir, part="train", max_instances=None)
+    docs = [t["Definition"][0] for t in tasks] + [x["input"] + " " + x["output"][0] for t in tasks
+                                                  for x in t["Instances"]]
+    b = TextBatcher([tok.encode(s, add_eos=False) for s in docs], cfg.batch_size, tok.vocab_size, cfg.seed)
+    fit(cfg, "base", d, BaseObjective(t5), b, device)
+    if int(os.environ.get("RANK", "0")) == 0:
+        t5.save_pretrained(d)
+        shutil.copy(Path(cfg.data_dir) / "spiece.model", d / "spiece.model")
+        write_stage_info(d, stage="base", config=asdict(cfg))
+
+
+class TextBatcher:
+    """Base-stage batches, a pure function of (seed, step): each text becomes either a span-corruption pair or
+    a prefix-LM pair (input = first part, target = the rest)."""
+
+    def __init__(self, seqs, batch_size, vocab, seed):
+        self.seqs, self.batch_size, self.vocab, self.seed = [s for s in seqs if len(s) >= 2], batch_size, vocab, seed
+
+    def batch(self, step, rank=0, world_size=1):
+        src, tgt = [], []
+        per = self.batch_size // world_size
+        for j in range(rank * per, (rank + 1) * per):
+            rng = random.Random(f"{self.seed}-{step}-{j}")
+            ids = self.seqs[rng.randrange(len(self.seqs))]
+            if rng.random() < 0.5:
+                s, t = span_corrupt(ids, rng, self.vocab)
+            else:
+                cut = rng.randint(1, len(ids) - 1)
+                s, t = ids[:cut], ids[cut:]
+            src.append(s + [1])
+            tgt.append(t + [1])
+        out = {}
+        out["input_ids"], out["attention_mask"] = data.pad(src)
+        out["labels"], _ = data.pad(tgt, value=-100)
+        return out
+
+
+def run_teachers(cfg: Config, device):
+    d = teachers_dir(cfg)
+    d.mkdir(parents=True, exist_ok=True)
+    t5, tok, mdir = load_base(cfg, device)
+    examples = task_examples(cfg, "train")
+    b = batcher(cfg, examples, tok)
+    keys = {"task": b.tasks, "all": ["all"],
+            "category": sorted({e.category for e in examples})}[cfg.group]
+    task_key = {e.task: (e.task if cfg.group == "task" else e.category if cfg.group == "category" else "all")
+                for e in examples}
+    key_of_task = torch.tensor([keys.index(task_key[t]) for t in b.tasks], device=device)
+    targets = target_paths(t5, tuple(cfg.modules.split(",")))
+    torch.manual_seed(cfg.seed)
+    bank = LoRABank(t5, targets, len(keys), cfg.rank, cfg.alpha).to(device)
+    fit(cfg, "teachers", d, TeacherObjective(t5, bank, key_of_task, cfg.teacher_input == "prompt"), b, device)
+    if int(os.environ.get("RANK", "0")) == 0:
+        save_safetensors(bank.state_dict(), d / "bank.safetensors")
+        write_stage_info(d, stage="teachers", keys=keys, group=cfg.group, input=cfg.teacher_input,
+                         targets=targets, rank=cfg.rank, alpha=cfg.alpha, base_model=str(mdir), config=asdict(cfg))
+
+
+def load_teachers(d: Path, t5: T5, tasks: list[str], categories: dict[str, str], device):
+    """A trained bank and, for each task of `tasks`, the index of its key; refuses a bank for other tasks."""
+    info = read_stage_info(d, "teachers")
+    bank = LoRABank(t5, info["targets"], len(info["keys"]), info["rank"], info["alpha"]).to(device)
+    bank.load_state_dict(load_safetensors(d / "bank.safetensors"))
+    key = {"task": lambda t: t, "category": lambda t: categories[t], "all": lambda t: "all"}[info["group"]]
+    missing = sorted({key(t) for t in tasks} - set(info["keys"]))
+    if missing:
+        raise SystemExit(f"{d}: the teacher bank has no LoRA for {missing[:5]} ({len(missing)} in all): it was "
+                         "trained for other tasks; rerun --stage teachers")
+    return bank, torch.tensor([info["keys"].index(key(t)) for t in tasks], device=device), info
+
+
+def tagi_config(cfg: Config) -> TAGIConfig:
+    return TAGIConfig(rank=cfg.rank, alpha=cfg.alpha, modules=tuple(cfg.modules.split(",")), hidden=cfg.hidden,
+                      fusion=cfg.fusion, ce_weight=cfg.ce_weight, kl_weight=cfg.kl_weight,
+                      ins_weight=cfg.ins_weight, temperature=cfg.temperature, ins_mode=cfg.ins_mode)
+
+
+def run_pretrain(cfg: Config, device):
+    d = stage_dirs(cfg)["pretrain"]
+    d.mkdir(parents=True, exist_ok=True)
+    t5, tok, mdir = load_base(cfg, device)
+    if cfg.text:
+        texts = data.iter_texts([p for p in cfg.text.split(",")])
+    else:  # the training tasks' own text, as plain text: definitions, examples and instances
+        texts = [data.sni_prompt(t, x["input"]) + x["output"][0]
+                 for t in data.load_sni(cfg.data_dir, part="train", max_instances=cfg.max_instances)
+                 for x in t["Instances"]] if cfg.data != "p3" else \
+            [e.prompt + " " + e.target for e in task_examples(cfg, "train")]
+    b = data.PretrainBatcher.from_texts(texts, tok, max_docs=200_000, batch_size=cfg.batch_size, seed=cfg.seed,
+                                        max_a=cfg.max_instruction_len - 1, max_b=cfg.max_source_len - 1,
+                                        max_c=cfg.max_target_len - 1)
+    torch.manual_seed(cfg.seed)
+    tagi = TAGI(t5, replace_cfg(tagi_config(cfg), kl_weight=0.0, ins_weight=0.0, ce_weight=1.0)).to(device)
+    fit(cfg, "pretrain", d, TAGIObjective(tagi, None, None), b, device)
+    if int(os.environ.get("RANK", "0")) == 0:
+        tagi.save(d, base_model=str(mdir), tokenizer=str(tok.path))
+        write_stage_info(d, stage="pretrain", config=asdict(cfg))
+
+
+def replace_cfg(c, **kw):
+    from dataclasses import replace
+    return replace(c, **kw)
+
+
+def run_finetune(cfg: Config, device, name="finetune"):
+    d = Path(cfg.out) / name
+    d.mkdir(parents=True, exist_ok=True)
+    t5, tok, mdir = load_base(cfg, device)
+    examples = task_examples(cfg, "train")
+    b = batcher(cfg, examples, tok)
+    teachers, key_of_task = None, None
+    if cfg.kl_weight or cfg.ins_weight:
+        cats = {e.task: e.category for e in examples}
+        teachers, key_of_task, _ = load_teachers(teachers_dir(cfg, group=cfg.group if cfg.group != "all" else "task",
+                                                              teacher_input="prompt"), t5, b.tasks, cats, device)
+    torch.manual_seed(cfg.seed)
+    tagi = TAGI(t5, tagi_config(cfg)).to(device)
+    if not cfg.no_pretrain:
+        p = stage_dirs(cfg)["pretrain"]
+        read_stage_info(p, "pretrain")
+        sd = load_safetensors(p / "tagi.safetensors")
+        if {k: v.shape for k, v in sd.items()} != {k: v.shape for k, v in tagi.trainable_state_dict().items()}:
+            raise SystemExit(f"{p / 'tagi.safetensors'}: the pretrained hypernetwork has another shape than this "
+                             "finetune run asks for (rank, modules, hidden or fusion differ)")
+        tagi.load_state_dict(sd, strict=False)
+    fit(cfg, "finetune", d, TAGIObjective(tagi, teachers, key_of_task), b, device)
+    if int(os.environ.get("RANK", "0")) == 0:
+        tagi.save(d, base_model=str(mdir), tokenizer=str(tok.path))
+        write_stage_info(d, stage="finetune", config=asdict(cfg))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line
+
+
+def parse_args(argv=None) -> Config:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(Config):
+        if f.type in ("bool", bool):
+            ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
+                            help=f"(default: {f.default})")
+        else:
+            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            ap.add_argument(f"--{f.name}", type=typ, default=f.default, help=f"(default: {f.default!r})")
+    return Config(**vars(ap.parse_args(argv)))
+
+
+def run(cfg: Config, stage: str, device):
+    """Run one stage, first building any missing earlier stage it needs (and saying so)."""
+    c = stage_defaults(cfg, stage)
+    needs = {"base": [], "teachers": ["base"], "pretrain": ["base"], "finetune": ["base", "pretrain", "teachers"]}
+    for need in needs[stage]:
+        if need == "base" and (cfg.model or cfg.data != "suite" or (SUITE_BASE / "model.safetensors").exists()
+                               or (stage_dirs(cfg)["base"] / "stage.json").exists()):
+            continue
+        if need == "pretrain" and (cfg.no_pretrain or (stage_dirs(cfg)["pretrain"] / "stage.json").exists()):
+            continue
+        if need == "teachers" and (not (cfg.kl_weight or cfg.ins_weight) or
+                                   (teachers_dir(cfg, "task", "prompt") / "stage.json").exists()):
+            continue
+        say(f"[{stage}] needs the {need} stage, which is missing: building it first")
+        run(replace_cfg(cfg, group="task", teacher_input="prompt") if need == "teachers" else cfg, need, device)
+    say(f"[{stage}] {json.dumps({k: v for k, v in asdict(c).items()})}")
+    t0 = time.time()
+    {"base": run_base, "teachers": run_teachers, "pretrain": run_pretrain, "finetune": run_finetune}[stage](c, device)
+    say(f"[{stage}] done in {time.time() - t0:.0f}s")
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    rank, world, device = setup_distributed(cfg.device)
+    if cfg.data == "suite":
+        d = Path(cfg.data_dir) if cfg.data_dir else stage_dirs(cfg)["suite"]
+        if rank == 0:
+            data.ensure_suite(d, seed=0)
+        if world > 1:
+            dist.barrier()
+    cfg = resolve(cfg)
+    torch.manual_seed(cfg.seed)
+    if cfg.stage != "all":
+        run(cfg, cfg.stage, device)
+    else:
+        t0 = time.time()
+        for stage, kw in (("teachers", {}), ("teachers", {"group": "all"}),
+                          ("teachers", {"group": "all", "teacher_input": "instance"}), ("pretrain", {}),
+                          ("finetune", {})):
+            run(replace_cfg(cfg, **kw), stage, device)
+        if rank == 0:
+            import evaluate
+            evaluate.compare(cfg, device)
+            say(f"pipeline done in {time.time() - t0:.0f}s")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
