@@ -1,5 +1,9 @@
 """Evaluation for TAGI: Super-NaturalInstructions metrics with the official semantics, rank classification for P3,
-and efficiency (FLOPs, latency). See DESIGN.md §9.
+TAGI against its baselines and ablations on the same data, and efficiency (FLOPs, latency). See DESIGN.md §9.
+
+    python evaluate.py --out runs/default              # the comparison table of a finished `python train.py` run
+    python evaluate.py --out runs/default --ablations  # also train and score the paper's Table 4 ablations
+    python evaluate.py --efficiency                    # FLOPs and wall time: TAGI vs instruction concatenation
 
 SNI metrics follow the official `compute_metrics.py` (natural-instructions eval/automatic/evaluation.py, copied by
 Tk-Instruct and TAGI) for the default (English) track:
@@ -8,9 +12,19 @@ Tk-Instruct and TAGI) for the default (English) track:
 - exact match after lowercasing, deleting ASCII punctuation and collapsing whitespace; articles are kept.
 Both take the max over the references; `sni_scores` averages, multiplies by 100 and rounds to 4 decimals.
 """
+import argparse
+import json
 import string
+import time
+from pathlib import Path
 
+import torch
 from rouge_score import rouge_scorer
+from torch.utils.flop_counter import FlopCounterMode
+
+import data
+from model import T5, T5Config, token_nll
+from tagi import TAGI, TAGIConfig
 
 _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)  # the official default-track scorer
 _PUNCTUATION = set(string.punctuation)  # ASCII only, as in the official normalize_answer
@@ -48,3 +62,288 @@ def sni_scores(predictions: list[str], references: list[list[str]]) -> dict[str,
     rouge = sum(rouge_l(p, r) for p, r in zip(predictions, references))
     em = sum(exact_match(p, r) for p, r in zip(predictions, references))
     return {"rougeL": round(100.0 * rouge / n, 4), "exact_match": round(100.0 * em / n, 4)}
+
+
+def scores_by(preds: list[str], examples, key) -> dict[str, dict[str, float]]:
+    groups: dict[str, list[int]] = {}
+    for i, e in enumerate(examples):
+        groups.setdefault(key(e), []).append(i)
+    return {g: sni_scores([preds[i] for i in idx], [examples[i].references for i in idx]) for g, idx in
+            sorted(groups.items())}
+
+
+def sni_report(preds: list[str], examples) -> dict:
+    """Overall, per-task and per-category ROUGE-L and exact match."""
+    return {"overall": sni_scores(preds, [e.references for e in examples]),
+            "per_task": scores_by(preds, examples, lambda e: e.task),
+            "per_category": scores_by(preds, examples, lambda e: e.category)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Methods: each turns a batch (data.Batcher's keys) into generated ids, or into per-example NLL of the labels
+
+
+def method_fns(name: str, run_dir: Path, t5: T5, device):
+    """(generate(batch, max_new_tokens) -> ids, nll(batch) -> (N,)) for one method, or None if it was not trained.
+    base: the untuned T5 on the full prompt; concat: one LoRA trained on full prompts (Tk-Instruct style);
+    noinstr: one LoRA trained on instances alone; teacher: each task's own LoRA (seen tasks only);
+    tagi / tagi-*: a finetuned TAGI (instance-only input, adapters generated from the instruction)."""
+    from train import load_teachers, read_stage_info  # noqa: circular only in name: train imports us lazily
+    def mean_nll(logits, labels):
+        return token_nll(logits, labels).sum(1) / (labels != -100).sum(1).clamp(min=1)
+    if name == "base":
+        return (lambda b, n: t5.generate(b["prompt_ids"], b["prompt_mask"], n),
+                lambda b: mean_nll(t5(b["prompt_ids"], b["prompt_mask"], labels=b["labels"]).logits, b["labels"]))
+    if name in ("concat", "noinstr", "teacher"):
+        d = run_dir / {"concat": "teachers-all", "noinstr": "teachers-all-instance", "teacher": "teachers-task"}[name]
+        if not (d / "stage.json").exists():
+            return None
+        info = read_stage_info(d, "teachers")
+        bank, _, _ = load_teachers(d, t5, [], {}, device)
+        keys = {k: i for i, k in enumerate(info["keys"])}
+        ids, mask = ("input_ids", "attention_mask") if info["input"] == "instance" else ("prompt_ids", "prompt_mask")
+
+        def adapters(b):
+            if name != "teacher":
+                return bank.get(0)
+            return bank(torch.tensor([keys[t] for t in b["task_names"]], device=b["input_ids"].device))
+        return (lambda b, n: t5.generate(b[ids], b[mask], n, adapters=adapters(b)),
+                lambda b: mean_nll(t5(b[ids], b[mask], labels=b["labels"], adapters=adapters(b)).logits,
+                                   b["labels"]))
+    d = run_dir / name.replace("tagi", "finetune", 1)
+    if not (d / "stage.json").exists():
+        return None
+    tagi = TAGI.load(d, t5).to(device).eval()
+    return (lambda b, n: tagi.generate(b, n), lambda b: mean_nll(tagi.student(b)[0], b["labels"]))
+
+
+@torch.no_grad()
+def predict(generate, batcher, tok, device, batch_size=64, max_new_tokens=128) -> list[str]:
+    preds = []
+    for exs, b in batcher.iter_eval(batch_size):
+        b = {k: v.to(device) for k, v in b.items()}
+        b["task_names"] = [e.task for e in exs]
+        preds += [tok.decode(row) for row in generate(b, max_new_tokens).tolist()]
+    return preds
+
+
+@torch.no_grad()
+def rank_classification(nll, items: list[dict], tok, device, batch_size=64) -> dict:
+    """P3 evaluation: the option with the lowest mean per-token NLL wins. items: data.p3_rank_items records
+    (inputs, choices, answer, task, prompt[, instruction]). Accuracy is averaged over prompts, then tasks."""
+    rows = [(i, c) for i, it in enumerate(items) for c in range(len(it["choices"]))]
+    scores = torch.empty(len(rows))
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s:s + batch_size]
+        src = [tok.encode(items[i]["inputs"]) for i, _ in chunk]
+        ins = [tok.encode(items[i].get("instruction") or items[i]["prompt"]) for i, _ in chunk]
+        b = {}
+        b["input_ids"], b["attention_mask"] = data.pad(src)
+        b["prompt_ids"], b["prompt_mask"] = b["input_ids"], b["attention_mask"]
+        b["instruction_ids"], b["instruction_mask"] = data.pad(ins)
+        b["labels"], _ = data.pad([tok.encode(items[i]["choices"][c]) for i, c in chunk], value=-100)
+        b["task_idx"] = torch.tensor([i for i, _ in chunk])
+        b = {k: v.to(device) for k, v in b.items()}
+        b["task_names"] = [items[i]["task"] for i, _ in chunk]
+        scores[s:s + len(chunk)] = nll(b).float().cpu()
+    best: dict[int, tuple[float, int]] = {}
+    for (i, c), v in zip(rows, scores.tolist()):
+        if i not in best or v < best[i][0]:
+            best[i] = (v, c)
+    per_prompt: dict[tuple[str, str], list[float]] = {}
+    for i, it in enumerate(items):
+        per_prompt.setdefault((it["task"], it["prompt"]), []).append(float(best[i][1] == it["answer"]))
+    per_task: dict[str, list[float]] = {}
+    for (task, _), accs in per_prompt.items():
+        per_task.setdefault(task, []).append(sum(accs) / len(accs))
+    task_acc = {t: 100 * sum(v) / len(v) for t, v in sorted(per_task.items())}
+    return {"accuracy": sum(task_acc.values()) / len(task_acc), "per_task": task_acc,
+            "predictions": [best[i][1] for i in range(len(items))]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The comparison table (paper Tables 2 and 4, on whatever data the run was trained on)
+
+METHODS = ("base", "noinstr", "concat", "teacher", "tagi")
+ABLATIONS = {"tagi-nofusion": {"fusion": "none"}, "tagi-nopretrain": {"no_pretrain": True},
+             "tagi-noce": {"ce_weight": 0.0}, "tagi-nokl": {"kl_weight": 0.0}, "tagi-noins": {"ins_weight": 0.0}}
+
+
+def seen_examples(cfg, n: int = 20):
+    """Training tasks scored on instances they were not trained on (after the first max_instances)."""
+    tasks = data.load_sni(cfg.data_dir, part="train", max_instances=None)
+    for t in tasks:
+        t["Instances"] = t["Instances"][cfg.max_instances:cfg.max_instances + n]
+    return data.sni_examples([t for t in tasks if t["Instances"]], num_pos=cfg.num_pos)
+
+
+def compare(cfg, device, ablations: bool = False) -> dict:
+    """Score every trained method of the run in cfg.out on held-out tasks (and seen tasks, new instances);
+    write <out>/results/{results.json, results.md, <method>.<split>.jsonl} and print the table."""
+    import train
+    from dataclasses import replace
+    run_dir, res_dir = Path(cfg.out), Path(cfg.out) / "results"
+    res_dir.mkdir(parents=True, exist_ok=True)
+    t5, tok, _ = train.load_base(cfg, device)
+    names = list(METHODS)
+    if ablations:
+        for name, kw in ABLATIONS.items():
+            if not (run_dir / name.replace("tagi", "finetune", 1) / "stage.json").exists():
+                c = train.stage_defaults(replace(cfg, **kw), "finetune")
+                train.say(f"[evaluate] training the ablation {name}: {kw}")
+                train.run_finetune(c, device, name=name.replace("tagi", "finetune", 1))
+        names += list(ABLATIONS)
+    splits = {"held-out": train.task_examples(cfg, "test")}
+    if cfg.data != "p3":
+        splits["seen"] = seen_examples(cfg, 5 if cfg.quick else 20)
+    results = {"config": {"out": cfg.out, "data": cfg.data, "num_pos": cfg.num_pos, "seed": cfg.seed}}
+    for name in names:
+        fns = method_fns(name, run_dir, t5, device)
+        if fns is None:
+            continue
+        for split, exs in splits.items():
+            if name == "teacher" and split == "held-out":
+                continue  # a held-out task has no teacher: that is the point of TAGI
+            b = data.Batcher(exs, tok, 64, shuffle=False, max_source_len=cfg.max_source_len,
+                             max_target_len=cfg.max_target_len, max_instruction_len=cfg.max_instruction_len)
+            t0 = time.time()
+            preds = predict(fns[0], b, tok, device, max_new_tokens=cfg.max_target_len)
+            rep = sni_report(preds, exs)
+            rep["seconds"] = round(time.time() - t0, 1)
+            results.setdefault(name, {})[split] = rep
+            with open(res_dir / f"{name}.{split}.jsonl", "w") as f:
+                for e, p in zip(exs, preds):
+                    f.write(json.dumps({"id": e.id, "prediction": p}, ensure_ascii=False) + "\n")
+    (res_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    table = results_table(results)
+    (res_dir / "results.md").write_text(table + "\n")
+    print(table)
+    return results
+
+
+def results_table(results: dict) -> str:
+    def cell(r, split, metric):
+        return f"{r[split]['overall'][metric]:.1f}" if split in r else "–"
+    lines = ["| method | held-out ROUGE-L | held-out EM | seen ROUGE-L | seen EM |", "|---|---|---|---|---|"]
+    for name, r in results.items():
+        if name != "config":
+            lines.append(f"| {name} | {cell(r, 'held-out', 'rougeL')} | {cell(r, 'held-out', 'exact_match')} | "
+                         f"{cell(r, 'seen', 'rougeL')} | {cell(r, 'seen', 'exact_match')} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Efficiency (paper Table 2: TAGI at 0.39x the FLOPs of instruction concatenation)
+
+
+def t5_flops(c: T5Config, S: int, T: int, M: int | None = None, lora: dict | None = None) -> int:
+    """Analytic matmul FLOPs (2 per multiply-add) of one teacher-forced T5 forward: source S tokens, target T,
+    decoder cross-attending to M memory tokens (default S; TAGI's concat fusion: instruction + S). lora:
+    {module path: rank} adds 2·L·r·(in + out) per adapted Linear."""
+    M = S if M is None else M
+    D, A, F = c.d_model, c.num_heads * c.d_kv, c.d_ff
+    ffn = (3 if c.gated else 2) * D * F
+    enc = c.num_layers * (S * (4 * D * A + ffn) + 2 * S * S * A)
+    dec = c.num_decoder_layers * (T * (4 * D * A + 2 * D * A + ffn) + 2 * M * D * A + 2 * T * T * A + 2 * T * M * A)
+    total = 2 * (enc + dec + T * D * c.vocab_size)
+    for path, r in (lora or {}).items():
+        d_in, d_out = (F, D) if path.endswith(".wo") else (D, F) if ".wi" in path else (A, D) if \
+            path.endswith(".o") else (D, A)
+        L = S if path.startswith("encoder") else M if "EncDecAttention" in path and path[-1] in "kv" else T
+        total += 2 * L * r * (d_in + d_out)
+    return total
+
+
+def count_flops(fn) -> int:
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def task_runs(tagi: TAGI, concat_adapters: dict, batch: dict):
+    """Two closures that score one task's instances (teacher forcing on the references). TAGI reads the
+    instruction once (encoder + hypernetwork), then instance-only inputs; concatenation (a LoRA trained on full
+    prompts, Tk-Instruct style) reads the whole prompt for every instance."""
+    t5, N = tagi.t5, len(batch["input_ids"])
+
+    def run_tagi():
+        states, smask, gen = tagi.task_adapters(batch["instruction_ids"][:1], batch["instruction_mask"][:1])
+        mem, mmask = tagi.student_memory(batch["input_ids"], batch["attention_mask"], states.expand(N, -1, -1),
+                                         smask.expand(N, -1), gen)
+        return t5.decode(batch["labels"].clamp(min=0), mem, mmask, gen)
+
+    def run_concat():
+        return t5(batch["prompt_ids"], batch["prompt_mask"], labels=batch["labels"], adapters=concat_adapters)
+    return run_tagi, run_concat
+
+
+@torch.no_grad()
+def task_cost(tagi: TAGI, concat_adapters: dict, batch: dict, timed: bool = True) -> dict:
+    out = {}
+    for name, fn in zip(("tagi", "concat"), task_runs(tagi, concat_adapters, batch)):
+        out[f"{name}_flops"] = count_flops(fn)
+        if timed:
+            fn()  # warm-up
+            t0 = time.perf_counter()
+            for _ in range(3):
+                fn()
+            out[f"{name}_seconds"] = round((time.perf_counter() - t0) / 3, 4)
+    out["flop_ratio"] = round(out["tagi_flops"] / out["concat_flops"], 4)
+    if timed:
+        out["time_ratio"] = round(out["tagi_seconds"] / out["concat_seconds"], 4)
+    return out
+
+
+def efficiency_report(cfg, device) -> dict:
+    """One task of 100 instances, measured twice: the run's own models on a held-out task, and an SNI-shaped case
+    (T5 v1.1-base shape, rank 32 on q and v, ≈1,000-token prompts; FLOPs only, counted on the meta device)."""
+    import train
+    t5, tok, _ = train.load_base(cfg, device)
+    tagi = TAGI.load(Path(cfg.out) / "finetune", t5).to(device).eval()
+    exs = train.task_examples(cfg, "test")
+    exs = [e for e in exs if e.task == exs[0].task][:100]
+    batch = {k: v.to(device) for k, v in data.Batcher(exs, tok, len(exs), shuffle=False).batch(0).items()}
+    concat = train.load_teachers(Path(cfg.out) / "teachers-all", t5, [], {}, device)[0].get(0)
+    report = {"run": {"task": exs[0].task, "instances": len(exs), "device": str(device),
+                      **task_cost(tagi, concat, batch)}}
+    report["sni_shape"] = sni_shape_cost()
+    return report
+
+
+def sni_shape_cost(N=100, s=900, S=100, T=16) -> dict:
+    """Instruction (definition + 2 examples) ≈ s tokens, instance ≈ S, prompt = both, targets T."""
+    c = T5Config(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_decoder_layers=12,
+                 num_heads=12, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    with torch.device("meta"):
+        big = TAGI(T5(c), TAGIConfig(rank=32))
+        ones = lambda *shape: torch.ones(*shape, dtype=torch.long)  # noqa: E731
+        b = {"instruction_ids": ones(N, s), "instruction_mask": ones(N, s), "input_ids": ones(N, S),
+             "attention_mask": ones(N, S), "prompt_ids": ones(N, s + S), "prompt_mask": ones(N, s + S),
+             "labels": ones(N, T)}
+        lora = {p: (torch.zeros(1, 32, big.t5.adaptable()[p].in_features),
+                    torch.zeros(1, big.t5.adaptable()[p].out_features, 32)) for p in big.targets}
+        out = task_cost(big, lora, b, timed=False)
+    return {"instruction_tokens": s, "instance_tokens": S, "target_tokens": T, **out}
+
+
+def main(argv=None):
+    import train
+    ap = argparse.ArgumentParser(description="Score a finished run: TAGI against its baselines and ablations.")
+    ap.add_argument("--out", default="runs/default", help="the run folder written by train.py")
+    ap.add_argument("--ablations", action="store_true", help="also train (if missing) and score Table 4's ablations")
+    ap.add_argument("--efficiency", action="store_true", help="FLOPs and wall time, TAGI vs concatenation")
+    args = ap.parse_args(argv)
+    stage_json = Path(args.out) / "finetune" / "stage.json"
+    if not stage_json.exists():
+        raise SystemExit(f"{stage_json} not found: run `python train.py --out {args.out}` first")
+    saved = json.loads(stage_json.read_text())["config"]
+    cfg = train.resolve(train.Config(**{**saved, "out": args.out, "stage": "all"}))
+    _, _, device = train.setup_distributed(cfg.device)
+    if args.efficiency:
+        print(json.dumps(efficiency_report(cfg, device), indent=1))
+    else:
+        compare(cfg, device, args.ablations)
+
+
+if __name__ == "__main__":
+    main()

@@ -92,12 +92,12 @@ class HyperNetwork(nn.Module):
         shapes = sorted({(lins[p].in_features, lins[p].out_features) for p in self.targets})
         self.group = [shapes.index((lins[p].in_features, lins[p].out_features)) for p in self.targets]
         kinds = sorted({target_kind(p)[1] for p in self.targets})
-        layer_ids = torch.tensor([target_kind(p)[0] for p in self.targets])
-        kind_ids = torch.tensor([kinds.index(target_kind(p)[1]) for p in self.targets])
-        self.register_buffer("layer_ids", layer_ids, persistent=False)
-        self.register_buffer("kind_ids", kind_ids, persistent=False)
+        layers = [target_kind(p)[0] for p in self.targets]
+        self.register_buffer("layer_ids", torch.tensor(layers), persistent=False)
+        self.register_buffer("kind_ids", torch.tensor([kinds.index(target_kind(p)[1]) for p in self.targets]),
+                             persistent=False)
         self.task_proj = nn.Linear(D, hidden)
-        self.layer_emb = nn.Embedding(int(layer_ids.max()) + 1, hidden)
+        self.layer_emb = nn.Embedding(max(layers) + 1, hidden)
         self.kind_emb = nn.Embedding(len(kinds), hidden)
         self.mlp = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
         self.heads = Heads(hidden, shapes, rank)

@@ -82,11 +82,11 @@ def ce_loss(logits, labels, n_tokens=None):
 def kl_loss(student, teacher, labels, T: float, n_tokens=None):
     """Eq. 4: T^2 · KL(softmax(z_t/T) || softmax(z_s/T)) per target token, averaged over real tokens only.
     student, teacher (N, T, V) logits on the same target positions; labels (N, T) marks padding with -100."""
-    log_s = F.log_softmax(student.float() / T, -1)
-    log_t = F.log_softmax(teacher.float() / T, -1)
-    kl = (log_t.exp() * (log_t - log_s)).sum(-1)  # (N, T)
-    keep = labels != -100
-    return T * T * (kl * keep).sum() / (keep.sum().clamp(min=1) if n_tokens is None else n_tokens)
+    keep = labels != -100  # select real tokens first: whatever sits at padding cannot leak in (not even NaN)
+    log_s = F.log_softmax(student[keep].float() / T, -1)  # (n, V)
+    log_t = F.log_softmax(teacher[keep].float() / T, -1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1)  # (n,)
+    return T * T * kl.sum() / (keep.sum().clamp(min=1) if n_tokens is None else n_tokens)
 
 
 def lora_distance(A1, B1, A2, B2):
@@ -288,7 +288,7 @@ def load_peft(adapter_dir) -> dict:
         if set(f) != {"A", "B"}:
             raise ValueError(f"{st_path}: module {path!r} lacks lora_{'A' if 'A' not in f else 'B'}")
         r = f["A"].shape[0]
-        alpha = next((v for k, v in (cfg.get("alpha_pattern") or {}).items() if re.search(k, path)),
+        alpha = next((v for k, v in (cfg.get("alpha_pattern") or {}).items() if re.match(rf"(.*\.)?({k})$", path)),
                      cfg["lora_alpha"])
         scale = alpha / (r ** 0.5 if cfg.get("use_rslora") else r)
         out[path] = (f["A"][None], (f["B"] * scale)[None])
