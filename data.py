@@ -525,45 +525,57 @@ SUITE_WORDS = ("cat dog sun red box cup map hat pen egg bus car fish tree milk b
 
 
 def _fill(pattern: str, p: tuple, out: str = "") -> str:
-    return pattern.format(*(f"'{w}'" for w in p), out=out)
+    return pattern.format(*p, out=out)
+
+
+def _pos(words, p):  # index of the main word
+    return words.index(p[0])
 
 
 # family: (number of parameter words, definition templates, rule(words, params) -> output, explanation template)
+# Parameter words stand bare in the definitions, with a space on each side and never next to punctuation, so
+# that they are the very same tokens as in the inputs ("▁hat"): a model can match and copy them, and a word it
+# has never seen as a parameter of a family is still a token it knows.
 SUITE_FAMILIES = {
-    "contains": (1, ["Answer yes if the word {0} appears in the input, otherwise answer no.",
-                     "Does the input contain the word {0}? Answer yes or no."],
-                 lambda w, p: "yes" if p[0] in w else "no", "The answer is {out} because we look for {0}."),
-    "after": (1, ["Output the word that comes right after {0} in the input.",
-                  "Find the word {0} in the input and answer with the next word."],
-              lambda w, p: w[w.index(p[0]) + 1], "The word after {0} is '{out}'."),
-    "before": (1, ["Output the word that comes right before {0} in the input.",
-                   "Find the word {0} in the input and answer with the previous word."],
-               lambda w, p: w[w.index(p[0]) - 1], "The word before {0} is '{out}'."),
-    "position": (1, ["Give the position of the word {0} in the input, counting from 1.",
-                     "Where is the word {0} in the input? Answer with its position, starting at 1."],
-                 lambda w, p: str(w.index(p[0]) + 1), "The word {0} is word number {out}."),
-    "order": (2, ["Answer yes if {0} comes before {1} in the input, otherwise answer no.",
-                  "Both {0} and {1} are in the input. Is {0} first? Answer yes or no."],
-              lambda w, p: "yes" if w.index(p[0]) < w.index(p[1]) else "no", "The answer is {out}."),
-    "label": (3, ["If the input contains the word {0}, answer {1}; otherwise answer {2}.",
-                  "Answer {1} when {0} is in the input and {2} when it is not."],
-              lambda w, p: p[1] if p[0] in w else p[2], "The answer is '{out}'."),
-    "replace": (2, ["Rewrite the input with the word {0} replaced by {1}.",
-                    "Copy the input, but write {1} instead of {0}."],
-                lambda w, p: " ".join(p[1] if x == p[0] else x for x in w), "Each {0} becomes {1}."),
+    "contains": (1, ["Answer yes if the word {0} appears in the input and no if it does not.",
+                     "Does the word {0} occur in the input ? Answer yes or no."],
+                 lambda w, p: "yes" if p[0] in w else "no", "The answer is {out} because we look for {0} here."),
+    "after": (1, ["Find the word {0} in the input and answer with the word that follows it.",
+                  "Output the word that comes right after the word {0} in the input."],
+              lambda w, p: w[_pos(w, p) + 1], "The word after {0} is {out} here."),
+    "position": (1, ["Give the position of the word {0} in the input counting from 1.",
+                     "Where is the word {0} in the input ? Answer with its position starting at 1."],
+                 lambda w, p: str(_pos(w, p) + 1), "The word {0} is word number {out} here."),
+    "order": (2, ["Answer yes if the word {0} comes before the word {1} in the input and no otherwise.",
+                  "Both {0} and {1} are in the input . Is {0} the first of the two ? Answer yes or no."],
+              lambda w, p: "yes" if w.index(p[0]) < w.index(p[1]) else "no", "The answer is {out} here."),
+    "label": (3, ["If the input contains the word {0} answer {1} and otherwise answer {2} instead.",
+                  "Answer {1} when the word {0} is in the input and {2} when it is not."],
+              lambda w, p: p[1] if p[0] in w else p[2], "The answer is {out} here."),
+    "choose": (2, ["Exactly one of the words {0} and {1} is in the input . Answer with that word.",
+                   "The input holds either {0} or {1} but not both . Which one is it ?"],
+               lambda w, p: p[0] if p[0] in w else p[1], "The input holds {out} here."),
+    "prefix": (1, ["Write the word {0} and then the first word of the input.",
+                   "Answer with {0} followed by the word that starts the input."],
+               lambda w, p: f"{p[0]} {w[0]}", "That gives {out} here."),
+    "replace": (2, ["Copy the input but write the word {1} wherever the word {0} appears.",
+                    "Rewrite the input with {0} replaced by {1} and keep all other words."],
+                lambda w, p: " ".join(p[1] if x == p[0] else x for x in w), "Each {0} becomes {1} here."),
 }
 
 
 def _suite_words(family: str, p: tuple, rng: random.Random) -> list[str]:
     """One input. Presence of the parameter words is set per family (half the time for yes/no rules)."""
     present = rng.random() < 0.5
-    need = {"contains": p[:1] if present else (), "label": p[:1] if present else (), "order": p[:2]}.get(family, p[:1])
-    avoid = {"contains": () if present else p[:1], "label": () if present else p[:1], "replace": p[1:2]}.get(family, ())
+    need = {"contains": p[:1] if present else (), "label": p[:1] if present else (), "order": p[:2],
+            "choose": p[:1] if present else p[1:2], "prefix": ()}.get(family, p[:1])
+    avoid = {"contains": () if present else p[:1], "label": () if present else p[:1], "replace": p[1:2],
+             "choose": p[1:2] if present else p[:1], "prefix": p[:1]}.get(family, ())
     pool = [w for w in SUITE_WORDS if w not in need and w not in avoid]
     while True:
-        words = rng.sample(pool, rng.randint(4, 8) - len(need)) + list(need)
+        words = rng.sample(pool, rng.randint(4, 7) - len(need)) + list(need)
         rng.shuffle(words)
-        if (family != "after" or words[-1] != p[0]) and (family != "before" or words[0] != p[0]):
+        if family != "after" or words[-1] != p[0]:
             return words
 
 
