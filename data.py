@@ -579,7 +579,7 @@ def _suite_words(family: str, p: tuple, rng: random.Random) -> list[str]:
             return words
 
 
-def suite_tasks(seed: int = 0, n_train: int = 8, n_test: int = 2) -> list[tuple[str, str, tuple, bool]]:
+def suite_tasks(seed: int = 0, n_train: int = 24, n_test: int = 2) -> list[tuple[str, str, tuple, bool]]:
     """(name, family, params, is_test) for every task: per family the main words are split into n_test held-out
     and n_train training words (seeded); other parameter words are drawn from all other words."""
     tasks = []

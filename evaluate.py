@@ -83,7 +83,7 @@ def sni_report(preds: list[str], examples) -> dict:
 # Methods: each turns a batch (data.Batcher's keys) into generated ids, or into per-example NLL of the labels
 
 
-def method_fns(name: str, run_dir: Path, t5: T5, device):
+def method_fns(name: str, run_dir: Path, t5: T5, device, group: str = "task"):
     """(generate(batch, max_new_tokens) -> ids, nll(batch) -> (N,)) for one method, or None if it was not trained.
     base: the untuned T5 on the full prompt; concat: one LoRA trained on full prompts (Tk-Instruct style);
     noinstr: one LoRA trained on instances alone; teacher: each task's own LoRA (seen tasks only);
@@ -95,7 +95,7 @@ def method_fns(name: str, run_dir: Path, t5: T5, device):
         return (lambda b, n: t5.generate(b["prompt_ids"], b["prompt_mask"], n),
                 lambda b: mean_nll(t5(b["prompt_ids"], b["prompt_mask"], labels=b["labels"]).logits, b["labels"]))
     if name in ("concat", "noinstr", "teacher"):
-        d = run_dir / {"concat": "teachers-all", "noinstr": "teachers-all-instance", "teacher": "teachers-task"}[name]
+        d = run_dir / {"concat": "teachers-all", "noinstr": "teachers-all-instance", "teacher": f"teachers-{group}"}[name]
         if not (d / "stage.json").exists():
             return None
         info = read_stage_info(d, "teachers")
@@ -106,7 +106,8 @@ def method_fns(name: str, run_dir: Path, t5: T5, device):
         def adapters(b):
             if name != "teacher":
                 return bank.get(0)
-            return bank(torch.tensor([keys[t] for t in b["task_names"]], device=b["input_ids"].device))
+            return bank(torch.tensor([keys[t if group == "task" else c] for t, c in zip(b["task_names"],
+                                      b["categories"])], device=b["input_ids"].device))
         return (lambda b, n: t5.generate(b[ids], b[mask], n, adapters=adapters(b)),
                 lambda b: mean_nll(t5(b[ids], b[mask], labels=b["labels"], adapters=adapters(b)).logits,
                                    b["labels"]))
@@ -122,7 +123,7 @@ def predict(generate, batcher, tok, device, batch_size=64, max_new_tokens=128) -
     preds = []
     for exs, b in batcher.iter_eval(batch_size):
         b = {k: v.to(device) for k, v in b.items()}
-        b["task_names"] = [e.task for e in exs]
+        b["task_names"], b["categories"] = [e.task for e in exs], [e.category for e in exs]
         preds += [tok.decode(row) for row in generate(b, max_new_tokens).tolist()]
     return preds
 
@@ -144,7 +145,7 @@ def rank_classification(nll, items: list[dict], tok, device, batch_size=64) -> d
         b["labels"], _ = data.pad([tok.encode(items[i]["choices"][c]) for i, c in chunk], value=-100)
         b["task_idx"] = torch.tensor([i for i, _ in chunk])
         b = {k: v.to(device) for k, v in b.items()}
-        b["task_names"] = [items[i]["task"] for i, _ in chunk]
+        b["task_names"] = b["categories"] = [items[i]["task"] for i, _ in chunk]
         scores[s:s + len(chunk)] = nll(b).float().cpu()
     best: dict[int, tuple[float, int]] = {}
     for (i, c), v in zip(rows, scores.tolist()):
@@ -198,7 +199,7 @@ def compare(cfg, device, ablations: bool = False) -> dict:
         splits["seen"] = seen_examples(cfg, 5 if cfg.quick else 20)
     results = {"config": {"out": cfg.out, "data": cfg.data, "num_pos": cfg.num_pos, "seed": cfg.seed}}
     for name in names:
-        fns = method_fns(name, run_dir, t5, device)
+        fns = method_fns(name, run_dir, t5, device, train.teacher_group(cfg))
         if fns is None:
             continue
         for split, exs in splits.items():

@@ -27,7 +27,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -56,7 +55,7 @@ class Config:
     tokenizer: str = ""             # spiece.model (default: <model>/spiece.model)
     text: str = ""                  # pretraining text: C4 *.json(.gz) shards / *.txt files (default: task text)
     out: str = "runs/default"
-    group: str = "task"             # teachers: task | category | all
+    group: str = ""                 # teachers: task | category | all ("": category for the suite, else task)
     teacher_input: str = "prompt"   # teachers: prompt (full Tk-Instruct prompt) | instance (no instruction)
     num_pos: int = 2                # positive examples in prompts and instructions: 0 = "Def", 2 = "Def+2Pos"
     max_instances: int = 100        # per training task (SNI: 100)
@@ -73,7 +72,8 @@ class Config:
     no_pretrain: bool = False       # finetune from a fresh hypernetwork (ablation)
     steps: int = 0                  # optimizer steps (0: the stage's default, see DEFAULTS)
     lr: float = 0.0                 # peak learning rate (0: the stage's default)
-    batch_size: int = 0             # global batch per optimizer step (0: the stage's default)
+    batch_size: int = 0             # batch per micro-step, all ranks together (0: the stage's default);
+    #                                 an optimizer step sees batch_size x grad_accum examples
     grad_accum: int = 1
     warmup: float = 0.02            # fraction of steps
     weight_decay: float = 0.0
@@ -163,6 +163,12 @@ class Objective(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith(self.frozen)}
 
     def load_trained_state(self, sd, path):
+        own = self.state_dict()
+        wrong = [f"{k} {tuple(v.shape)} (here {tuple(own[k].shape)})" for k, v in sd.items()
+                 if k in own and v.shape != own[k].shape]
+        if wrong:
+            raise ValueError(f"{path}: a checkpoint of another configuration (rank, modules, hidden or fusion "
+                             f"differ): {', '.join(wrong[:3])}")
         missing, unexpected = self.load_state_dict(sd, strict=False)
         missing = [k for k in missing if not k.startswith(self.frozen)]
         if missing or unexpected:
@@ -261,10 +267,10 @@ def load_checkpoint(stage_dir: Path, objective, opt, stage: str) -> int:
         raise ValueError(f"{d / 'state.json'}: field 'stage' is {state['stage']!r}, this run is {stage!r}")
     objective.load_trained_state(load_safetensors(d / "trained.safetensors"), d / "trained.safetensors")
     tensors = load_safetensors(d / "optimizer.safetensors")
-    torch.set_rng_state(tensors.pop("rng.cpu"))
+    torch.set_rng_state(tensors.pop("rng.cpu").clone())  # a copy: a view into the mapped file crashes torch
     cuda_rng = tensors.pop("rng.cuda", None)
     if cuda_rng is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(cuda_rng)
+        torch.cuda.set_rng_state(cuda_rng.clone())
     opt_state = {}
     for k, v in tensors.items():
         i, name = k.split(".", 1)
@@ -293,7 +299,7 @@ def fit(cfg: Config, stage: str, stage_dir: Path, objective, batcher, device) ->
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.bf16 else nullcontext()
     log = open(stage_dir / "log.jsonl", "a") if rank == 0 else None
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=stage, disable=rank != 0, dynamic_ncols=True)
-    step, t0, tokens = start, time.time(), 0
+    done, t0, tokens = start, time.time(), 0
     try:
         for step in bar:
             for g in opt.param_groups:
@@ -320,6 +326,7 @@ def fit(cfg: Config, stage: str, stage_dir: Path, objective, batcher, device) ->
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            done = step + 1
             if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
                 dt = time.time() - t0
                 rec = {"step": step + 1, **{k: round(v, 5) for k, v in terms.items()},
@@ -334,8 +341,8 @@ def fit(cfg: Config, stage: str, stage_dir: Path, objective, batcher, device) ->
                 save_checkpoint(stage_dir, objective, opt, step + 1, cfg, stage)
     except KeyboardInterrupt:
         if rank == 0:
-            save_checkpoint(stage_dir, objective, opt, step, cfg, stage)
-            say(f"[{stage}] interrupted: saved step {step} to {stage_dir}; continue with --resume")
+            save_checkpoint(stage_dir, objective, opt, done, cfg, stage)
+            say(f"[{stage}] interrupted: saved step {done} to {stage_dir}; continue with --resume")
         raise SystemExit(130)
     if rank == 0:
         save_checkpoint(stage_dir, objective, opt, steps, cfg, stage)
@@ -361,13 +368,15 @@ def teachers_dir(cfg: Config, group=None, teacher_input=None) -> Path:
 def resolve(cfg: Config) -> Config:
     """Fill the defaults that depend on other settings (data kind, stage); validate names."""
     for name, allowed in (("stage", ("all", "base", "teachers", "pretrain", "finetune")), ("data", ("suite", "sni", "p3")),
-                          ("group", ("task", "category", "all")), ("teacher_input", ("prompt", "instance"))):
+                          ("group", ("", "task", "category", "all")), ("teacher_input", ("prompt", "instance"))):
         if getattr(cfg, name) not in allowed:
             raise SystemExit(f"--{name} must be one of {allowed}, not {getattr(cfg, name)!r}")
     suite = cfg.data == "suite"
+    cfg.group = cfg.group or ("category" if suite else "task")
     if suite:
         cfg.data_dir = str(stage_dirs(cfg)["suite"])
-        cfg.max_source_len, cfg.max_target_len, cfg.max_instruction_len = 256, 32, 256
+        if (cfg.max_source_len, cfg.max_target_len, cfg.max_instruction_len) == (1024, 128, 1024):
+            cfg.max_source_len, cfg.max_target_len, cfg.max_instruction_len = 256, 32, 256
     elif not cfg.data_dir:
         raise SystemExit(f"--data {cfg.data} needs --data_dir (a local SNI clone or P3 folder)")
     cfg.rank = cfg.rank or (8 if suite else 32)
@@ -406,8 +415,10 @@ def load_base(cfg: Config, device) -> tuple[T5, data.Tokenizer, Path]:
     if tok.vocab_size > t5.config.vocab_size:
         raise SystemExit(f"tokenizer {tok_path} has {tok.vocab_size} ids but the model {mdir} only "
                          f"{t5.config.vocab_size} embeddings: they do not belong together")
-    if cfg.data == "suite" and tok.vocab_size != data.Tokenizer(Path(cfg.data_dir) / "spiece.model").vocab_size:
-        raise SystemExit(f"the suite's tokenizer in {cfg.data_dir} differs from {tok_path}")
+    suite_tok = Path(cfg.data_dir) / "spiece.model"
+    if cfg.data == "suite" and suite_tok.read_bytes() != tok_path.read_bytes():
+        raise SystemExit(f"the suite's tokenizer {suite_tok} differs from the model's {tok_path}: the base model "
+                         "was trained for another suite")
     return t5, tok, mdir
 
 
@@ -521,6 +532,12 @@ def load_teachers(d: Path, t5: T5, tasks: list[str], categories: dict[str, str],
     return bank, torch.tensor([info["keys"].index(key(t)) for t in tasks], device=device), info
 
 
+def teacher_group(cfg: Config) -> str:
+    """The teachers finetune distils from: per task or per category (a shared "all" LoRA teaches nothing
+    task-specific, so it falls back to per task)."""
+    return cfg.group if cfg.group != "all" else "task"
+
+
 def tagi_config(cfg: Config) -> TAGIConfig:
     return TAGIConfig(rank=cfg.rank, alpha=cfg.alpha, modules=tuple(cfg.modules.split(",")), hidden=cfg.hidden,
                       fusion=cfg.fusion, ce_weight=cfg.ce_weight, kl_weight=cfg.kl_weight,
@@ -563,8 +580,8 @@ def run_finetune(cfg: Config, device, name="finetune"):
     teachers, key_of_task = None, None
     if cfg.kl_weight or cfg.ins_weight:
         cats = {e.task: e.category for e in examples}
-        teachers, key_of_task, _ = load_teachers(teachers_dir(cfg, group=cfg.group if cfg.group != "all" else "task",
-                                                              teacher_input="prompt"), t5, b.tasks, cats, device)
+        teachers, key_of_task, _ = load_teachers(teachers_dir(cfg, teacher_group(cfg), "prompt"), t5, b.tasks, cats,
+                                                 device)
     torch.manual_seed(cfg.seed)
     tagi = TAGI(t5, tagi_config(cfg)).to(device)
     if not cfg.no_pretrain:
@@ -608,10 +625,11 @@ def run(cfg: Config, stage: str, device):
         if need == "pretrain" and (cfg.no_pretrain or (stage_dirs(cfg)["pretrain"] / "stage.json").exists()):
             continue
         if need == "teachers" and (not (cfg.kl_weight or cfg.ins_weight) or
-                                   (teachers_dir(cfg, "task", "prompt") / "stage.json").exists()):
+                                   (teachers_dir(cfg, teacher_group(cfg), "prompt") / "stage.json").exists()):
             continue
         say(f"[{stage}] needs the {need} stage, which is missing: building it first")
-        run(replace_cfg(cfg, group="task", teacher_input="prompt") if need == "teachers" else cfg, need, device)
+        run(replace_cfg(cfg, group=teacher_group(cfg), teacher_input="prompt") if need == "teachers" else cfg, need,
+            device)
     say(f"[{stage}] {json.dumps({k: v for k, v in asdict(c).items()})}")
     t0 = time.time()
     {"base": run_base, "teachers": run_teachers, "pretrain": run_pretrain, "finetune": run_finetune}[stage](c, device)
