@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from rouge_score import rouge_scorer
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
@@ -256,7 +257,9 @@ def t5_flops(c: T5Config, S: int, T: int, M: int | None = None, lora: dict | Non
 
 
 def count_flops(fn) -> int:
-    with FlopCounterMode(display=False) as fc:
+    """Matmul FLOPs of fn(), counted by torch. The math attention backend is forced because the flop counter
+    does not see inside every fused attention kernel (e.g. the CPU flash kernel)."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
         fn()
     return fc.get_total_flops()
 

@@ -277,7 +277,7 @@ class Stack(nn.Module):
         if mask is not None:
             bias = bias + (1.0 - mask[:, None, None, :].to(bias.dtype)) * neg  # (N, H, L, L)
         enc_bias = None if enc is None else (1.0 - enc_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
-        if torch.is_autocast_enabled(x.device.type):  # cast the (N, H, L, L) bias once, not in every layer
+        if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):  # cast the bias once, not per layer
             dt = torch.get_autocast_dtype(x.device.type)
             bias, enc_bias = bias.to(dt), None if enc_bias is None else enc_bias.to(dt)
         for i, blk in enumerate(self.block):
