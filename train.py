@@ -562,7 +562,7 @@ def run_pretrain(cfg: Config, device):
     tagi = TAGI(t5, replace_cfg(tagi_config(cfg), kl_weight=0.0, ins_weight=0.0, ce_weight=1.0)).to(device)
     fit(cfg, "pretrain", d, TAGIObjective(tagi, None, None), b, device)
     if int(os.environ.get("RANK", "0")) == 0:
-        tagi.save(d, base_model=str(mdir), tokenizer=str(tok.path))
+        tagi.save(d, base_model=str(mdir.resolve()), tokenizer=str(Path(tok.path).resolve()))
         write_stage_info(d, stage="pretrain", config=asdict(cfg))
 
 
@@ -594,7 +594,7 @@ def run_finetune(cfg: Config, device, name="finetune"):
         tagi.load_state_dict(sd, strict=False)
     fit(cfg, "finetune", d, TAGIObjective(tagi, teachers, key_of_task), b, device)
     if int(os.environ.get("RANK", "0")) == 0:
-        tagi.save(d, base_model=str(mdir), tokenizer=str(tok.path))
+        tagi.save(d, base_model=str(mdir.resolve()), tokenizer=str(Path(tok.path).resolve()))
         write_stage_info(d, stage="finetune", config=asdict(cfg))
 
 

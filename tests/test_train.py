@@ -522,3 +522,25 @@ def test_quick_pipeline_results_come_from_its_predictions(tiny, tmp_path):
     saved = [json.loads(x)["prediction"] for x in (res / "tagi.held-out.jsonl").read_text().splitlines()]
     assert preds == saved
     assert not math.isnan(results["tagi"]["held-out"]["overall"]["rougeL"])
+
+
+def test_adapter_command_writes_the_generated_adapter_as_peft(tiny, prepared, tmp_path):
+    """`python tagi.py adapter` turns an instruction into a PEFT directory holding exactly the factors the
+    finetuned hypernetwork generates for it."""
+    import tagi
+    out = tmp_path / "run"
+    shutil.copytree(prepared, out)
+    main(*args(tiny, out, "finetune", 2))
+    text = "Answer with frog followed by the word that starts the input."
+    tagi.main(["adapter", "--checkpoint", str(out / "finetune"), "--instruction", text, "--out", str(tmp_path / "ad")])
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == cfg["lora_alpha"]
+    loaded = tagi.load_peft(tmp_path / "ad")
+    info = json.loads((out / "finetune" / "tagi.json").read_text())
+    t5 = model.T5.from_pretrained(info["base_model"])
+    ids = torch.tensor([data.Tokenizer(info["tokenizer"]).encode(text)])
+    with torch.no_grad():
+        _, _, gen = tagi.TAGI.load(out / "finetune", t5).eval().task_adapters(ids, torch.ones_like(ids))
+    assert sorted(loaded) == sorted(gen)
+    for p, (A, B) in gen.items():
+        assert torch.equal(loaded[p][0], A) and torch.allclose(loaded[p][1], B, rtol=0, atol=0)
