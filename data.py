@@ -579,23 +579,36 @@ def _suite_words(family: str, p: tuple, rng: random.Random) -> list[str]:
             return words
 
 
-def suite_tasks(seed: int = 0, n_train: int = 24, n_test: int = 2) -> list[tuple[str, str, tuple, bool]]:
-    """(name, family, params, is_test) for every task: per family the main words are split into n_test held-out
-    and n_train training words (seeded); other parameter words are drawn from all other words."""
+def suite_tasks(seed: int = 0, n_train: int = 24, n_test: int = 2) -> list[tuple[str, str, tuple, int, bool]]:
+    """(name, family, params, template, is_test) for every task. Training tasks name random words. A held-out
+    task names a combination its family never trained on: with several parameter words, each word has filled the
+    same slot in some training task, never together with the others; with one word, the word was trained under
+    the family's other wording. So a held-out definition is new, and only its content says what to answer."""
     tasks = []
-    for family, (n_params, _, _, _) in SUITE_FAMILIES.items():
+    for family, (n_params, templates, _, _) in SUITE_FAMILIES.items():
         rng = random.Random(f"suite-{seed}-{family}")
-        main = rng.sample(SUITE_WORDS, n_test + n_train)
-        for k, w in enumerate(main):
-            p = (w, *rng.sample([x for x in SUITE_WORDS if x != w], n_params - 1))
-            tasks.append((f"suite_{family}_{'_'.join(p)}", family, p, k < n_test))
+        train: dict[tuple, int] = {}
+        while len(train) < n_train:
+            train.setdefault(tuple(rng.sample(SUITE_WORDS, n_params)), rng.randrange(len(templates)))
+        seen, held = list(train), {}
+        while len(held) < n_test:
+            if n_params == 1:
+                p = rng.choice(seen)
+                k = (train[p] + 1) % len(templates)
+            else:
+                p, k = tuple(rng.choice(seen)[i] for i in range(n_params)), rng.randrange(len(templates))
+                if len(set(p)) < n_params or p in train:
+                    continue
+            held.setdefault(p, k)
+        for (p, k), is_test in [(pk, False) for pk in train.items()] + [(pk, True) for pk in held.items()]:
+            tasks.append((f"suite_{family}_{'_'.join(p)}_{k}", family, p, k, is_test))
     return tasks
 
 
-def _suite_task(name: str, family: str, p: tuple, seed: int, n: int) -> dict:
+def _suite_task(name: str, family: str, p: tuple, template: int, seed: int, n: int) -> dict:
     _, templates, rule, explain = SUITE_FAMILIES[family]
     rng = random.Random(f"{seed}-{name}")
-    definition = _fill(rng.choice(templates), p)
+    definition = _fill(templates[template], p)
 
     def instance():
         words = _suite_words(family, p, rng)
@@ -621,8 +634,8 @@ def make_suite(out_dir, seed: int = 0, instances_per_task: int = 300) -> Path:
     (out / "tasks").mkdir(parents=True, exist_ok=True)
     (out / "splits" / "default").mkdir(parents=True, exist_ok=True)
     split = {False: [], True: []}
-    for name, family, p, is_test in suite_tasks(seed):
-        task = _suite_task(name, family, p, seed, instances_per_task)
+    for name, family, p, template, is_test in suite_tasks(seed):
+        task = _suite_task(name, family, p, template, seed, instances_per_task)
         (out / "tasks" / f"{name}.json").write_text(json.dumps(task, indent=2, ensure_ascii=False) + "\n",
                                                     encoding="utf-8")
         split[is_test].append(name)

@@ -453,7 +453,7 @@ def read_stage_info(d: Path, stage: str) -> dict:
 
 def run_base(cfg: Config, device):
     """Suite only: train a tiny T5 from scratch on the training tasks' text (held-out tasks never seen) with
-    T5's span corruption and prefix LM (the 'LM-adapt' objective), half and half."""
+    generic denoising objectives (see TextBatcher), standing in for T5-LM-adapt."""
     if cfg.data != "suite":
         raise SystemExit("--stage base exists only for the built-in suite; real runs pass --model DIR")
     d = stage_dirs(cfg)["base"]
@@ -473,8 +473,10 @@ def run_base(cfg: Config, device):
 
 
 class TextBatcher:
-    """Base-stage batches, a pure function of (seed, step): each text becomes either a span-corruption pair or
-    a prefix-LM pair (input = first part, target = the rest)."""
+    """Base-stage batches, a pure function of (seed, step). Each text becomes one of three generic denoising
+    pairs, in equal shares: T5 span corruption, prefix LM (input = a first part, target = the rest), or
+    reconstruction (BART-style: the target is the whole text, the input has its dropped spans replaced by
+    sentinels). Reconstruction is the one that teaches the decoder to copy what the encoder sees."""
 
     def __init__(self, seqs, batch_size, vocab, seed):
         self.seqs, self.batch_size, self.vocab, self.seed = [s for s in seqs if len(s) >= 2], batch_size, vocab, seed
@@ -485,11 +487,14 @@ class TextBatcher:
         for j in range(rank * per, (rank + 1) * per):
             rng = random.Random(f"{self.seed}-{step}-{j}")
             ids = self.seqs[rng.randrange(len(self.seqs))]
-            if rng.random() < 0.5:
+            kind = rng.randrange(3)
+            if kind == 0:
                 s, t = span_corrupt(ids, rng, self.vocab)
-            else:
+            elif kind == 1:
                 cut = rng.randint(1, len(ids) - 1)
                 s, t = ids[:cut], ids[cut:]
+            else:
+                s, t = span_corrupt(ids, rng, self.vocab)[0], ids
             src.append(s + [1])
             tgt.append(t + [1])
         out = {}

@@ -255,12 +255,12 @@ def test_suite_rules_follow_from_definitions(suite):
     train, test = (data.load_sni(suite, part=p, max_instances=None) for p in ("train", "test"))
     families = {parse_rule(t["Definition"][0])[0] for t in train}
     assert len(families) >= 6 and len(train) >= 40 and len(test) >= 12
-    main_words = {"train": set(), "test": set()}
+    params_of = {"train": set(), "test": set()}
     for part, tasks in (("train", train), ("test", test)):
         for task in tasks:
             family, params = parse_rule(task["Definition"][0])
             assert task["Categories"] == [family] and len(task["Instances"]) >= 300
-            main_words[part].add((family, params["a"]))
+            params_of[part].add((family, tuple(sorted(params.items()))))
             outputs = []
             for x in task["Instances"] + task["Positive Examples"]:
                 words = x["input"].split()
@@ -270,10 +270,15 @@ def test_suite_rules_follow_from_definitions(suite):
                 outputs.append(ref[0])
             if family in ("contains", "order", "label", "choose"):
                 assert 0.35 < outputs.count(outputs[0]) / len(outputs) < 0.65  # two balanced classes
-    assert not main_words["train"] & main_words["test"]  # held-out tasks name words their family never trained on
     train_defs = {t["Definition"][0] for t in train}
-    assert not any(t["Definition"][0] in train_defs for t in test)
-    assert {f for f, _ in main_words["test"]} == families
+    assert not any(t["Definition"][0] in train_defs for t in test)  # every held-out definition is new
+    assert {f for f, _ in params_of["test"]} == families
+    for family, params in params_of["test"]:
+        trained = [dict(p) for f, p in params_of["train"] if f == family]
+        for slot, word in params:  # each named word filled the same slot in some training task of the family...
+            assert any(p[slot] == word for p in trained), (family, slot, word)
+        if len(params) > 1:  # ...but never together with the others; one word: trained under the other wording
+            assert dict(params) not in trained
 
 
 def test_suite_tokenizer(suite):
