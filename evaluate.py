@@ -197,7 +197,7 @@ def compare(cfg, device, ablations: bool = False) -> dict:
         names += list(ABLATIONS)
     splits = {"held-out": train.task_examples(cfg, "test")}
     if cfg.data != "p3":
-        splits["seen"] = seen_examples(cfg, 5 if cfg.quick else 20)
+        splits["seen"] = seen_examples(cfg, 2 if cfg.quick else 5)
     results = {"config": {"out": cfg.out, "data": cfg.data, "num_pos": cfg.num_pos, "seed": cfg.seed}}
     for name in names:
         fns = method_fns(name, run_dir, t5, device, train.teacher_group(cfg))

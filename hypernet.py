@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 
 import torch
 import torch.nn as nn
@@ -145,7 +144,3 @@ class LoRABank(nn.Module):
     def get(self, i: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The adapter of one key as a static (N = 1) mapping."""
         return self(torch.tensor([i], device=self.A[0].device))
-
-
-def safe_key(path: str) -> str:
-    return re.sub(r"\W", "_", path)

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hypernet import HyperNetwork, masked_mean, target_paths  # noqa: F401  (masked_mean re-exported for users)
+from hypernet import HyperNetwork, target_paths
 from model import Attention, RMSNorm, T5, atomic_write_text, load_safetensors, save_safetensors, shift_right, \
     token_nll
 

@@ -29,7 +29,7 @@ import random
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -389,8 +389,8 @@ def stage_defaults(cfg: Config, stage: str) -> Config:
     steps, lr, bs = DEFAULTS["suite" if cfg.data == "suite" else "real"][stage]
     c = Config(**asdict(cfg))
     c.steps, c.lr, c.batch_size = cfg.steps or steps, cfg.lr or lr, cfg.batch_size or bs
-    if cfg.quick:
-        c.steps = max(10, c.steps // 10)
+    if cfg.quick:  # a smoke run of the whole pipeline (CI): a tenth of the steps, small batches
+        c.steps, c.batch_size = max(10, c.steps // 10), cfg.batch_size or min(bs, 16)
     return c
 
 
@@ -564,16 +564,11 @@ def run_pretrain(cfg: Config, device):
                                         max_a=cfg.max_instruction_len - 1, max_b=cfg.max_source_len - 1,
                                         max_c=cfg.max_target_len - 1)
     torch.manual_seed(cfg.seed)
-    tagi = TAGI(t5, replace_cfg(tagi_config(cfg), kl_weight=0.0, ins_weight=0.0, ce_weight=1.0)).to(device)
+    tagi = TAGI(t5, replace(tagi_config(cfg), kl_weight=0.0, ins_weight=0.0, ce_weight=1.0)).to(device)
     fit(cfg, "pretrain", d, TAGIObjective(tagi, None, None), b, device)
     if int(os.environ.get("RANK", "0")) == 0:
         tagi.save(d, base_model=str(mdir.resolve()), tokenizer=str(Path(tok.path).resolve()))
         write_stage_info(d, stage="pretrain", config=asdict(cfg))
-
-
-def replace_cfg(c, **kw):
-    from dataclasses import replace
-    return replace(c, **kw)
 
 
 def run_finetune(cfg: Config, device, name="finetune"):
@@ -633,7 +628,7 @@ def run(cfg: Config, stage: str, device):
                                    (teachers_dir(cfg, teacher_group(cfg), "prompt") / "stage.json").exists()):
             continue
         say(f"[{stage}] needs the {need} stage, which is missing: building it first")
-        run(replace_cfg(cfg, group=teacher_group(cfg), teacher_input="prompt") if need == "teachers" else cfg, need,
+        run(replace(cfg, group=teacher_group(cfg), teacher_input="prompt") if need == "teachers" else cfg, need,
             device)
     say(f"[{stage}] {json.dumps({k: v for k, v in asdict(c).items()})}")
     t0 = time.time()
@@ -659,7 +654,7 @@ def main(argv=None):
         for stage, kw in (("teachers", {}), ("teachers", {"group": "all"}),
                           ("teachers", {"group": "all", "teacher_input": "instance"}), ("pretrain", {}),
                           ("finetune", {})):
-            run(replace_cfg(cfg, **kw), stage, device)
+            run(replace(cfg, **kw), stage, device)
         if rank == 0:
             import evaluate
             evaluate.compare(cfg, device)

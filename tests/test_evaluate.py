@@ -1,7 +1,6 @@
 """evaluate.py beyond the metrics: rank classification and the FLOP accounting behind the efficiency claim."""
 import torch
 
-import data
 import evaluate
 from model import T5, T5Config
 from tagi import TAGI, TAGIConfig

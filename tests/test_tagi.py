@@ -1,6 +1,5 @@
 """TAGI (tagi.py): step-0 equivalence with the base T5, the three losses against brute-force references, which
 parameters learn, adapters generated once per task, the teacher bank's independence, and checkpoints."""
-import copy
 from dataclasses import replace
 
 import pytest
