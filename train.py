@@ -647,6 +647,8 @@ def main(argv=None):
             dist.barrier()
     cfg = resolve(cfg)
     torch.manual_seed(cfg.seed)
+    if device.type == "cpu":  # e.g. the backward of a gather with repeated indices sums in thread order otherwise
+        torch.use_deterministic_algorithms(True)
     if cfg.stage != "all":
         run(cfg, cfg.stage, device)
     else:
