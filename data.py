@@ -424,7 +424,8 @@ def p3_examples(records: list[dict]) -> list[Example]:
 
 
 def p3_rank_items(records: list[dict]) -> list[dict]:
-    """Rank-classification items {inputs, choices, answer, task, prompt}; records without choices are skipped."""
+    """Rank-classification items {inputs, choices, answer, task, prompt, instruction (as in p3_examples)};
+    records without choices are skipped."""
     items = []
     for r in records:
         if not r["choices"] or r["is_correct"] is False:
@@ -432,7 +433,8 @@ def p3_rank_items(records: list[dict]) -> list[dict]:
         choices = [c.strip() for c in r["choices"]]
         _check(r["target"].strip() in choices, r["where"], "targets_pretokenized", "is not one of answer_choices")
         items.append({"inputs": r["inputs"], "choices": r["choices"], "answer": choices.index(r["target"].strip()),
-                      "task": r["dataset"], "prompt": r["prompt"]})
+                      "task": r["dataset"], "prompt": r["prompt"],
+                      "instruction": f"{r['prompt'].replace('_', ' ')} ({r['dataset'].replace('_', ' ')})"})
     return items
 
 

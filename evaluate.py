@@ -146,7 +146,8 @@ def rank_classification(nll, items: list[dict], tok, device, batch_size=64) -> d
         b["labels"], _ = data.pad([tok.encode(items[i]["choices"][c]) for i, c in chunk], value=-100)
         b["task_idx"] = torch.tensor([i for i, _ in chunk])
         b = {k: v.to(device) for k, v in b.items()}
-        b["task_names"] = b["categories"] = [items[i]["task"] for i, _ in chunk]
+        b["task_names"] = [f"{items[i]['task']}/{items[i]['prompt']}" for i, _ in chunk]
+        b["categories"] = [items[i]["task"] for i, _ in chunk]
         scores[s:s + len(chunk)] = nll(b).float().cpu()
     best: dict[int, tuple[float, int]] = {}
     for (i, c), v in zip(rows, scores.tolist()):
@@ -197,10 +198,18 @@ def compare(cfg, device, ablations: bool = False) -> dict:
                 train.say(f"[evaluate] training the ablation {name}: {kw}")
                 train.run_finetune(c, device, name=name.replace("tagi", "finetune", 1))
         names += list(ABLATIONS)
-    splits = {"held-out": train.task_examples(cfg, "test")}
-    if cfg.data != "p3":
-        splits["seen"] = seen_examples(cfg, 2 if cfg.quick else 5)
     results = {"config": {"out": cfg.out, "data": cfg.data, "num_pos": cfg.num_pos, "seed": cfg.seed}}
+    if cfg.data == "p3":  # rank classification on the held-out datasets' answer choices
+        items = data.p3_rank_items(data.load_p3(Path(cfg.data_dir) / "test"))
+        for name in names:
+            fns = method_fns(name, run_dir, t5, device, train.teacher_group(cfg))
+            if fns is not None and name != "teacher":
+                r = rank_classification(fns[1], items, tok, device)
+                results[name] = {"held-out": {"accuracy": r["accuracy"], "per_task": r["per_task"]}}
+        (res_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        print(json.dumps({k: v["held-out"]["accuracy"] for k, v in results.items() if k != "config"}, indent=1))
+        return results
+    splits = {"held-out": train.task_examples(cfg, "test"), "seen": seen_examples(cfg, 2 if cfg.quick else 5)}
     for name in names:
         fns = method_fns(name, run_dir, t5, device, train.teacher_group(cfg))
         if fns is None:

@@ -30,9 +30,7 @@ import torch.nn as nn
 
 from model import T5
 
-# Module kinds an adapter may target, by the name of the Linear (see model.py).
-ATTENTION = ("q", "k", "v", "o")
-FFN = ("wi", "wi_0", "wi_1", "wo")
+FFN = ("wi", "wi_0", "wi_1", "wo")  # FFN Linears; the others (q, k, v, o) are chosen per attention kind
 
 
 def target_paths(t5: T5, modules=("q", "v"), stacks=("encoder.SelfAttention", "decoder.SelfAttention",

@@ -412,6 +412,7 @@ def load_base(cfg: Config, device) -> tuple[T5, data.Tokenizer, Path]:
         raise SystemExit(f"no tokenizer at {tok_path}: pass --tokenizer PATH/spiece.model")
     tok = data.Tokenizer(tok_path)
     t5 = T5.from_pretrained(mdir).to(device).eval()
+    t5.encoder.gradient_checkpointing = t5.decoder.gradient_checkpointing = cfg.grad_checkpointing
     if tok.vocab_size > t5.config.vocab_size:
         raise SystemExit(f"tokenizer {tok_path} has {tok.vocab_size} ids but the model {mdir} only "
                          f"{t5.config.vocab_size} embeddings: they do not belong together")
@@ -461,6 +462,7 @@ def run_base(cfg: Config, device):
     tok = data.Tokenizer(Path(cfg.data_dir) / "spiece.model")
     torch.manual_seed(cfg.seed)
     t5 = T5(T5Config.tiny(tok.vocab_size)).to(device)
+    t5.encoder.gradient_checkpointing = t5.decoder.gradient_checkpointing = cfg.grad_checkpointing
     tasks = data.load_sni(cfg.data_dir, part="train", max_instances=None)
     docs = [t["Definition"][0] for t in tasks] + [x["input"] + " " + x["output"][0] for t in tasks
                                                   for x in t["Instances"]]
