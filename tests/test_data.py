@@ -363,7 +363,7 @@ def test_p3_reader(tmp_path):
     assert [r["target"] for r in records] == ["B ", "C"] and records[0]["dataset"] == "super_glue_copa"
     items = data.p3_rank_items(records)
     assert items == [{"inputs": "Pick one: A or B?", "choices": ["A", "B"], "answer": 1, "task": "super_glue_copa",
-                      "prompt": "choose_best"}]
+                      "prompt": "choose_best", "instruction": "choose best (super glue copa)"}]
     (ex,) = data.p3_examples(records)
     assert (ex.source, ex.prompt, ex.target, ex.instruction) == (
         "Pick one: A or B?", "Pick one: A or B?", "B ", "choose best (super glue copa)")
