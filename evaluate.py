@@ -24,7 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
-from model import T5, T5Config, token_nll
+from model import T5, T5Config, mean_nll
 from tagi import TAGI, TAGIConfig
 
 _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)  # the official default-track scorer
@@ -90,8 +90,6 @@ def method_fns(name: str, run_dir: Path, t5: T5, device, group: str = "task"):
     noinstr: one LoRA trained on instances alone; teacher: each task's own LoRA (seen tasks only);
     tagi / tagi-*: a finetuned TAGI (instance-only input, adapters generated from the instruction)."""
     from train import load_teachers, read_stage_info  # noqa: circular only in name: train imports us lazily
-    def mean_nll(logits, labels):
-        return token_nll(logits, labels).sum(1) / (labels != -100).sum(1).clamp(min=1)
     if name == "base":
         return (lambda b, n: t5.generate(b["prompt_ids"], b["prompt_mask"], n),
                 lambda b: mean_nll(t5(b["prompt_ids"], b["prompt_mask"], labels=b["labels"]).logits, b["labels"]))

@@ -313,6 +313,11 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            reduction="none").view(labels.shape)
 
 
+def mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(N,) mean NLL over each example's real target tokens: the rank-classification score (lower wins)."""
+    return token_nll(logits, labels).sum(1) / (labels != -100).sum(1).clamp(min=1)
+
+
 class T5(nn.Module):
     def __init__(self, cfg: T5Config):
         super().__init__()
@@ -407,10 +412,8 @@ class T5(nn.Module):
     @torch.no_grad()
     def score(self, input_ids, attention_mask, labels, adapters=None, encoder_hidden_states=None):
         """Mean per-token NLL of each target (N,): the rank-classification score (lower is better)."""
-        logits = self(input_ids, attention_mask, labels=labels, adapters=adapters,
-                      encoder_hidden_states=encoder_hidden_states).logits
-        nll = token_nll(logits, labels)
-        return nll.sum(1) / (labels != -100).sum(1).clamp(min=1)
+        return mean_nll(self(input_ids, attention_mask, labels=labels, adapters=adapters,
+                             encoder_hidden_states=encoder_hidden_states).logits, labels)
 
     # -------------------------------------------------------------------------------- Hugging Face checkpoints
 

@@ -161,13 +161,19 @@ class TAGI(nn.Module):
             return enc, attention_mask
         return torch.cat([states.to(enc.dtype), enc], 1), torch.cat([smask, attention_mask], 1)  # (N, s+S, D)
 
-    def student(self, batch, return_inverse=False):
-        """The student on instance-only inputs. Adapters are generated once per distinct task in the batch and
-        gathered per example. Returns (logits (N, T, V), generated adapters per distinct task, task index (U,))."""
+    def read(self, batch):
+        """Adapters once per distinct task of the batch (Eq. 2), gathered per example, and the instance encoded
+        with them (Eq. 1). Returns (memory, its mask, per-example adapters, per-task adapters, tasks (U,), inv (N,))."""
         tasks, first, inv = unique_first(batch["task_idx"])
         states, smask, gen = self.task_adapters(batch["instruction_ids"][first], batch["instruction_mask"][first])
         per_ex = {p: (A[inv], B[inv]) for p, (A, B) in gen.items()}
         mem, mmask = self.student_memory(batch["input_ids"], batch["attention_mask"], states[inv], smask[inv], per_ex)
+        return mem, mmask, per_ex, gen, tasks, inv
+
+    def student(self, batch, return_inverse=False):
+        """The student on instance-only inputs. Returns (logits (N, T, V), generated adapters per distinct task,
+        task index (U,)[, example -> task (N,)])."""
+        mem, mmask, per_ex, gen, tasks, inv = self.read(batch)
         logits = self.t5.decode(shift_right(batch["labels"]), mem, mmask, per_ex)
         return (logits, gen, tasks, inv) if return_inverse else (logits, gen, tasks)
 
@@ -196,10 +202,7 @@ class TAGI(nn.Module):
 
     @torch.no_grad()
     def generate(self, batch, max_new_tokens=128):
-        tasks, first, inv = unique_first(batch["task_idx"])
-        states, smask, gen = self.task_adapters(batch["instruction_ids"][first], batch["instruction_mask"][first])
-        per_ex = {p: (A[inv], B[inv]) for p, (A, B) in gen.items()}
-        mem, mmask = self.student_memory(batch["input_ids"], batch["attention_mask"], states[inv], smask[inv], per_ex)
+        mem, mmask, per_ex, *_ = self.read(batch)
         return self.t5.generate(attention_mask=mmask, encoder_hidden_states=mem, adapters=per_ex,
                                 max_new_tokens=max_new_tokens)
 
