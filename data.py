@@ -517,11 +517,10 @@ class PretrainBatcher:
 
 
 # ------------------------------------------------------------------------------------------- the built-in suite
-# Every task is (family, parameter words). All families share ONE input distribution, 4-8 distinct words from
+# Every task is (family, parameter words). All families share ONE input distribution, 4-7 distinct words from
 # SUITE_WORDS in random order, so the input alone reveals neither the task nor its answer; the rule names its
-# words in quotes and can be solved by matching them against the input (attention), so it can transfer to words
-# never seen in that family. A held-out task's main word (the first parameter) is one no training task of its
-# family uses, though every word appears in inputs and in other families' training tasks.
+# words and can be solved by matching them against the input. Held-out tasks are parameter combinations a family
+# never trained on (see suite_tasks).
 SUITE_WORDS = ("cat dog sun red box cup map hat pen egg bus car fish tree milk book door ball bird cake lamp ring "
                "star rain road ship shoe bell coin desk frog key leaf moon nest rose").split()
 
