@@ -22,10 +22,12 @@ written atomically, exact resume (same batches, same RNG), a stop with the last 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from contextlib import nullcontext
@@ -54,7 +56,7 @@ class Config:
     model: str = ""                 # Hugging Face T5 directory (suite: <out>/base, or the committed one)
     tokenizer: str = ""             # spiece.model (default: <model>/spiece.model)
     text: str = ""                  # pretraining text: C4 *.json(.gz) shards / *.txt files (default: task text)
-    out: str = "runs/default"
+    out: str = "runs/default"       # run folder: one subfolder per stage, results/ after evaluation
     group: str = ""                 # teachers: task | category | all ("": category for the suite, else task)
     teacher_input: str = "prompt"   # teachers: prompt (full Tk-Instruct prompt) | instance (no instruction)
     num_pos: int = 2                # positive examples in prompts and instructions: 0 = "Def", 2 = "Def+2Pos"
@@ -64,31 +66,30 @@ class Config:
     alpha: float = 0.0              # LoRA alpha (0: = rank)
     modules: str = ""               # adapted Linears (default "q,v"; the suite adapts every Linear)
     hidden: int = 256               # hypernetwork width
-    ce_weight: float = 1.0
-    kl_weight: float = 1.0
-    ins_weight: float = 0.0
-    temperature: float = 2.0
-    ins_mode: str = "delta"
+    ce_weight: float = 1.0          # Eq. 6 weight of L_ce (0 switches the term off)
+    kl_weight: float = 1.0          # λ1, weight of L_kl (distillation from the teachers' logits)
+    ins_weight: float = 0.0         # λ2, weight of L_ins (distance to the teachers' LoRA)
+    temperature: float = 2.0        # T of L_kl
+    ins_mode: str = "delta"         # L_ins: delta (||ΔW - ΔW_teacher||_F^2) | params (factor MSE)
     no_pretrain: bool = False       # finetune from a fresh hypernetwork (ablation)
     steps: int = 0                  # optimizer steps (0: the stage's default, see DEFAULTS)
     lr: float = 0.0                 # peak learning rate (0: the stage's default)
-    batch_size: int = 0             # batch per micro-step, all ranks together (0: the stage's default);
-    #                                 an optimizer step sees batch_size x grad_accum examples
-    grad_accum: int = 1
+    batch_size: int = 0             # per micro-step, all ranks together (0: stage default); a step = x grad_accum
+    grad_accum: int = 1             # micro-steps per optimizer step
     warmup: float = 0.02            # fraction of steps
-    weight_decay: float = 0.0
-    clip: float = 1.0
-    max_source_len: int = 1024
-    max_target_len: int = 128
-    max_instruction_len: int = 1024
+    weight_decay: float = 0.0       # AdamW weight decay
+    clip: float = 1.0               # gradient-norm clipping (0: off)
+    max_source_len: int = 1024      # tokens of a prompt / instance (the suite: 256)
+    max_target_len: int = 128       # tokens of a target, and of generation (the suite: 32)
+    max_instruction_len: int = 1024 # tokens of the instruction the hypernetwork reads (the suite: 256)
     bf16: bool = True               # autocast on CUDA
-    grad_checkpointing: bool = False
-    compile: bool = False
-    seed: int = 0
-    device: str = "auto"
-    log_every: int = 25
-    save_every: int = 500
-    resume: bool = False
+    grad_checkpointing: bool = False  # recompute T5 blocks in backward: less memory
+    compile: bool = False           # torch.compile the training objective
+    seed: int = 0                   # initialisation and batch order
+    device: str = "auto"            # auto (cuda if present) | cpu | cuda
+    log_every: int = 25             # steps between log lines (<stage>/log.jsonl)
+    save_every: int = 500           # steps between checkpoints
+    resume: bool = False            # continue the stage from its latest checkpoint
     quick: bool = False             # a short pipeline (CI): fewer steps and instances
     eval_instances: int = 100       # evaluation: first N instances of each test task
 
@@ -605,14 +606,16 @@ def run_finetune(cfg: Config, device, name="finetune"):
 
 
 def parse_args(argv=None) -> Config:
+    """Every Config field is a flag; its help is the comment beside the field."""
+    notes = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(Config):
+        help = f"{notes.get(f.name, '')} (default: {f.default!r})"
         if f.type in ("bool", bool):
-            ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
-                            help=f"(default: {f.default})")
+            ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=help)
         else:
             typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            ap.add_argument(f"--{f.name}", type=typ, default=f.default, help=f"(default: {f.default!r})")
+            ap.add_argument(f"--{f.name}", type=typ, default=f.default, help=help)
     return Config(**vars(ap.parse_args(argv)))
 
 
