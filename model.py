@@ -194,16 +194,13 @@ class Attention(nn.Module):
         return self.relative_attention_bias(b).permute(2, 0, 1).unsqueeze(0)  # (1, H, q, k)
 
 
-class LayerSelfAttention(nn.Module):
-    def __init__(self, cfg, has_bias):
-        super().__init__()
-        self.SelfAttention, self.layer_norm = Attention(cfg, has_bias), RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+class SubLayer(nn.Module):
+    """A pre-norm residual sub-layer: its `layer_norm` and one module under the Hugging Face name `name`."""
 
-
-class LayerCrossAttention(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg: T5Config, name: str, module: nn.Module):
         super().__init__()
-        self.EncDecAttention, self.layer_norm = Attention(cfg, False), RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.add_module(name, module)
+        self.layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
 
 
 class FeedForward(nn.Module):
@@ -223,20 +220,15 @@ class FeedForward(nn.Module):
         return self.wo(F.dropout(h, self.p, self.training), adapters)  # (N, L, F) -> (N, L, D)
 
 
-class LayerFF(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.DenseReluDense, self.layer_norm = FeedForward(cfg), RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
-
-
 class Block(nn.Module):
     """Pre-norm residual block: self-attention, [cross-attention], FFN. `fuse` is an optional extra residual
     sub-layer after self-attention (TAGI's encoder fusion, Eq. 1); plain T5 has none."""
 
     def __init__(self, cfg: T5Config, is_decoder: bool, has_bias: bool):
         super().__init__()
-        self.layer = nn.ModuleList([LayerSelfAttention(cfg, has_bias)] + ([LayerCrossAttention(cfg)] if is_decoder
-                                                                         else []) + [LayerFF(cfg)])
+        self.layer = nn.ModuleList([SubLayer(cfg, "SelfAttention", Attention(cfg, has_bias))] +
+                                   ([SubLayer(cfg, "EncDecAttention", Attention(cfg, False))] if is_decoder else []) +
+                                   [SubLayer(cfg, "DenseReluDense", FeedForward(cfg))])
         self.p = cfg.dropout_rate
 
     def forward(self, x, bias, enc=None, enc_bias=None, adapters=None, cache=None, fuse=None):
