@@ -9,8 +9,8 @@ One small network serves every layer; the target embedding tells it which module
 a batch come out of one batched call (one head pair per weight shape), and a task's adapters are generated once
 and reused for all of its instances.
 
-Zero at step 0 with gradients everywhere. LoRA starts from ΔW = 0 by zeroing B, but then A (and everything
-upstream of B's head) gets no gradient on the first step. Here the heads start random and a frozen copy of them,
+Zero at step 0 with gradients everywhere. LoRA starts from ΔW = 0 by zeroing B, but then A (and all that feeds the
+heads) gets no gradient on the first step. Here the heads start random and a frozen copy of them,
 fed a stop-gradient of h, is subtracted:
     ΔW_m = B_m A_m − B0_m A0_m,   (B0, A0) = frozen_heads(sg(h_m))
 which is exactly 0 at initialisation (same weights, same inputs), while every trainable parameter gets a gradient
