@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from conftest import random_hf_t5
 from hypernet import target_paths
 from model import T5, T5Config, load_safetensors, save_safetensors
 from tagi import export_peft, load_peft
@@ -156,15 +157,8 @@ def test_greedy_generation_with_per_example_adapters(style):
 
 def hf_and_ours(style, seed=0):
     """A transformers T5 with random weights (the reference; peft needs it too) and our T5 with the same weights."""
-    transformers = pytest.importorskip("transformers")
     kw = config(style)
-    torch.manual_seed(seed)
-    hf = transformers.T5ForConditionalGeneration(transformers.T5Config(
-        **kw, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()
-    if not kw["tie_word_embeddings"]:  # transformers 5 ties lm_head at construction; untie as in real v1.1 files
-        hf.lm_head.weight = torch.nn.Parameter(torch.empty(kw["vocab_size"], kw["d_model"]))
-    for p in hf.parameters():
-        p.data.normal_(0, 0.3)
+    hf = random_hf_t5(kw, seed, std=0.3)
     ours = T5(T5Config(**kw)).eval()
     ours.load_state_dict(hf.state_dict())
     return hf, ours

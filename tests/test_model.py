@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from conftest import random_hf_t5
 from model import T5, T5Config, load_safetensors
 
 transformers = pytest.importorskip("transformers")
@@ -21,14 +22,7 @@ def config(style, **kw):
 
 
 def hf_model(kw, seed=0):
-    torch.manual_seed(seed)
-    hf = transformers.T5ForConditionalGeneration(transformers.T5Config(
-        **kw, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()
-    if not kw["tie_word_embeddings"]:  # transformers 5 ties lm_head at construction; untie as in real v1.1 files
-        hf.lm_head.weight = torch.nn.Parameter(torch.empty(kw["vocab_size"], kw["d_model"]))
-    for p in hf.parameters():
-        p.data.normal_(0, 0.5)
-    return hf
+    return random_hf_t5(kw, seed)
 
 
 def ours_from(hf, kw):
