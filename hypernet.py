@@ -87,7 +87,8 @@ class HyperNetwork(nn.Module):
         D, lins = t5.config.d_model, t5.adaptable()
         self.targets, self.rank, self.scale = list(targets), rank, alpha / rank
         shapes = sorted({(lins[p].in_features, lins[p].out_features) for p in self.targets})
-        self.group = [shapes.index((lins[p].in_features, lins[p].out_features)) for p in self.targets]
+        group = [shapes.index((lins[p].in_features, lins[p].out_features)) for p in self.targets]
+        self.groups = [[i for i, gi in enumerate(group) if gi == g] for g in range(len(shapes))]  # targets per shape
         kinds = sorted({target_kind(p)[1] for p in self.targets})
         layers = [target_kind(p)[0] for p in self.targets]
         self.register_buffer("layer_ids", torch.tensor(layers), persistent=False)
@@ -107,8 +108,7 @@ class HyperNetwork(nn.Module):
         N, M = z.shape[0], e.shape[0]
         h = self.mlp(torch.cat([z[:, None].expand(N, M, -1), e[None].expand(N, M, -1)], -1))  # (N, M, h)
         out = {}
-        for g in range(len(self.heads.shapes)):
-            idx = [i for i, gi in enumerate(self.group) if gi == g]
+        for g, idx in enumerate(self.groups):
             A, B = self.heads(h[:, idx], g)              # (N, M_g, r, in), (N, M_g, out, r)
             A0, B0 = self.heads0(h[:, idx].detach(), g)
             A, B = torch.cat([A, A0], 2), torch.cat([B, -B0], 3) * self.scale  # rank 2r: [B, -B0]·[A; A0]

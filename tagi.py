@@ -75,8 +75,7 @@ def additive_mask(mask: torch.Tensor, dtype) -> torch.Tensor:
 def ce_loss(logits, labels, n_tokens=None):
     """Eq. 3: mean token cross-entropy over real target tokens. logits (N, T, V), labels (N, T) with -100.
     n_tokens: the divisor when this batch is a shard of a larger one (default: its own real tokens)."""
-    return token_nll(logits, labels).sum() / (labels != -100).sum().clamp(min=1) if n_tokens is None else \
-        token_nll(logits, labels).sum() / n_tokens
+    return token_nll(logits, labels).sum() / ((labels != -100).sum().clamp(min=1) if n_tokens is None else n_tokens)
 
 
 def kl_loss(student, teacher, labels, T: float, n_tokens=None):
