@@ -16,6 +16,7 @@ import argparse
 import json
 import string
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -184,7 +185,6 @@ def compare(cfg, device, ablations: bool = False) -> dict:
     """Score every trained method of the run in cfg.out on held-out tasks (and seen tasks, new instances);
     write <out>/results/{results.json, results.md, <method>.<split>.jsonl} and print the table."""
     import train
-    from dataclasses import replace
     run_dir, res_dir = Path(cfg.out), Path(cfg.out) / "results"
     res_dir.mkdir(parents=True, exist_ok=True)
     t5, tok, _ = train.load_base(cfg, device)
@@ -208,6 +208,7 @@ def compare(cfg, device, ablations: bool = False) -> dict:
         print(json.dumps({k: v["held-out"]["accuracy"] for k, v in results.items() if k != "config"}, indent=1))
         return results
     splits = {"held-out": train.task_examples(cfg, "test"), "seen": seen_examples(cfg, 2 if cfg.quick else 5)}
+    batchers = {s: train.batcher(replace(cfg, batch_size=64), exs, tok, shuffle=False) for s, exs in splits.items()}
     for name in names:
         fns = method_fns(name, run_dir, t5, device, train.teacher_group(cfg))
         if fns is None:
@@ -215,10 +216,8 @@ def compare(cfg, device, ablations: bool = False) -> dict:
         for split, exs in splits.items():
             if name == "teacher" and split == "held-out":
                 continue  # a held-out task has no teacher: that is the point of TAGI
-            b = data.Batcher(exs, tok, 64, shuffle=False, max_source_len=cfg.max_source_len,
-                             max_target_len=cfg.max_target_len, max_instruction_len=cfg.max_instruction_len)
             t0 = time.time()
-            preds = predict(fns[0], b, tok, device, max_new_tokens=cfg.max_target_len)
+            preds = predict(fns[0], batchers[split], tok, device, max_new_tokens=cfg.max_target_len)
             rep = sni_report(preds, exs)
             rep["seconds"] = round(time.time() - t0, 1)
             results.setdefault(name, {})[split] = rep
@@ -315,7 +314,8 @@ def efficiency_report(cfg, device) -> dict:
     tagi = TAGI.load(Path(cfg.out) / "finetune", t5).to(device).eval()
     exs = train.task_examples(cfg, "test")
     exs = [e for e in exs if e.task == exs[0].task][:100]
-    batch = {k: v.to(device) for k, v in data.Batcher(exs, tok, len(exs), shuffle=False).batch(0).items()}
+    batch = {k: v.to(device) for k, v in train.batcher(replace(cfg, batch_size=len(exs)), exs, tok,
+                                                       shuffle=False).batch(0).items()}
     concat = train.load_teachers(Path(cfg.out) / "teachers-all", t5, [], {}, device)[0].get(0)
     report = {"run": {"task": exs[0].task, "instances": len(exs), "device": str(device),
                       **task_cost(tagi, concat, batch)}}
