@@ -522,7 +522,13 @@ class PretrainBatcher:
 # words and can be solved by matching them against the input. Held-out tasks are parameter combinations a family
 # never trained on (see suite_tasks).
 SUITE_WORDS = ("cat dog sun red box cup map hat pen egg bus car fish tree milk book door ball bird cake lamp ring "
-               "star rain road ship shoe bell coin desk frog key leaf moon nest rose").split()
+               "star rain road ship shoe bell coin desk frog key leaf moon nest rose ant bag bat bed bee boat bone "
+               "bowl bread brick cloud coat cow crab crown drum duck fan farm fire flag fork fox gate gift goat gold "
+               "hill horn horse jar kite lake lion lock mask mouse nail net nut owl pear pig pipe pot rock roof rope "
+               "salt sand seed sock soup spoon stone sword table tent tiger toy train vase wall whale wheel wind wolf "
+               "yarn zoo apple bear bench chair sheep snow wing tooth bike clock drop glass grass house jam king "
+               "lemon mint nose oak pie plum queen rice shell skirt slide sofa tail tape tower van wave web "
+               "yard").split()
 
 
 def _fill(pattern: str, p: tuple, out: str = "") -> str:
@@ -580,7 +586,7 @@ def _suite_words(family: str, p: tuple, rng: random.Random) -> list[str]:
             return words
 
 
-def suite_tasks(seed: int = 0, n_train: int = 24, n_test: int = 2) -> list[tuple[str, str, tuple, int, bool]]:
+def suite_tasks(seed: int = 0, n_train: int = 120, n_test: int = 2) -> list[tuple[str, str, tuple, int, bool]]:
     """(name, family, params, template, is_test) for every task. Training tasks name random words. A held-out
     task names a combination its family never trained on: with several parameter words, each word has filled the
     same slot in some training task, never together with the others; with one word, the word was trained under
@@ -628,7 +634,7 @@ def _suite_task(name: str, family: str, p: tuple, template: int, seed: int, n: i
             "Instance License": ["Apache 2.0"], "Suite": {"family": family, "params": list(p), "seed": seed}}
 
 
-def make_suite(out_dir, seed: int = 0, instances_per_task: int = 300) -> Path:
+def make_suite(out_dir, seed: int = 0, instances_per_task: int = 140) -> Path:
     """Write the suite in SNI's layout (tasks/*.json, splits/default/{train,test}_tasks.txt); byte-identical
     for the same seed."""
     out = Path(out_dir)
@@ -659,7 +665,7 @@ def suite_texts(suite_dir) -> list[str]:
     return texts
 
 
-def ensure_suite(suite_dir, seed: int = 0, vocab_size: int = 440, instances_per_task: int = 300) -> Path:
+def ensure_suite(suite_dir, seed: int = 0, vocab_size: int = 640, instances_per_task: int = 140) -> Path:
     """Build the suite and its tokenizer (suite_dir/spiece.model) unless a build for this seed is already there."""
     d = Path(suite_dir)
     stamp = {"seed": seed, "vocab_size": vocab_size, "instances_per_task": instances_per_task}

@@ -173,9 +173,11 @@ ABLATIONS = {"tagi-nofusion": {"fusion": "none"}, "tagi-nopretrain": {"no_pretra
              "tagi-noce": {"ce_weight": 0.0}, "tagi-nokl": {"kl_weight": 0.0}, "tagi+ins": {"ins_weight": 1e-4}}
 
 
-def seen_examples(cfg, n: int = 20):
-    """Training tasks scored on instances they were not trained on (after the first max_instances)."""
+def seen_examples(cfg, total: int = 960):
+    """Training tasks scored on instances they were not trained on (after the first max_instances), about
+    `total` instances spread evenly over the tasks (at least one each)."""
     tasks = data.load_sni(cfg.data_dir, part="train", max_instances=None)
+    n = max(1, total // len(tasks))
     for t in tasks:
         t["Instances"] = t["Instances"][cfg.max_instances:cfg.max_instances + n]
     return data.sni_examples([t for t in tasks if t["Instances"]], num_pos=cfg.num_pos)
@@ -207,7 +209,7 @@ def compare(cfg, device, ablations: bool = False) -> dict:
         (res_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
         print(json.dumps({k: v["held-out"]["accuracy"] for k, v in results.items() if k != "config"}, indent=1))
         return results
-    splits = {"held-out": train.task_examples(cfg, "test"), "seen": seen_examples(cfg, 2 if cfg.quick else 5)}
+    splits = {"held-out": train.task_examples(cfg, "test"), "seen": seen_examples(cfg, 384 if cfg.quick else 960)}
     batchers = {s: train.batcher(replace(cfg, batch_size=64), exs, tok, shuffle=False) for s, exs in splits.items()}
     for name in names:
         fns = method_fns(name, run_dir, t5, device, train.teacher_group(cfg))

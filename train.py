@@ -59,7 +59,7 @@ class Config:
     out: str = "runs/default"       # run folder: one subfolder per stage, results/ after evaluation
     group: str = ""                 # teachers: task | category | all ("": category for the suite, else task)
     teacher_input: str = "prompt"   # teachers: prompt (full Tk-Instruct prompt) | instance (no instruction)
-    num_pos: int = 2                # positive examples in prompts and instructions: 0 = "Def", 2 = "Def+2Pos"
+    num_pos: int = -1               # positive examples per prompt/instruction: 0 "Def", 2 "Def+2Pos" (-1: suite 0, else 2)
     max_instances: int = 100        # per training task (SNI: 100)
     fusion: str = "concat"          # concat | encoder | none
     rank: int = 0                   # LoRA rank (0: 32 for real models, 8 for the suite)
@@ -96,7 +96,7 @@ class Config:
 
 # (steps, lr, batch) per stage. Paper (T5-LM-base, SNI): pretrain 50k steps lr 1e-3 batch 8; finetune 20k, 1e-4, 16.
 DEFAULTS = {
-    "suite": {"base": (2500, 2e-3, 64), "teachers": (300, 3e-3, 32), "pretrain": (200, 1e-3, 32),
+    "suite": {"base": (8000, 2e-3, 64), "teachers": (300, 3e-3, 32), "pretrain": (200, 1e-3, 32),
               "finetune": (600, 1e-3, 32)},
     "real": {"base": (0, 0, 0), "teachers": (2000, 1e-4 * 10, 16), "pretrain": (50000, 1e-3, 8),
              "finetune": (20000, 1e-4, 16)},
@@ -374,6 +374,7 @@ def resolve(cfg: Config) -> Config:
             raise SystemExit(f"--{name} must be one of {allowed}, not {getattr(cfg, name)!r}")
     suite = cfg.data == "suite"
     cfg.group = cfg.group or ("category" if suite else "task")
+    cfg.num_pos = cfg.num_pos if cfg.num_pos >= 0 else 0 if suite else 2
     if suite:
         cfg.data_dir = str(stage_dirs(cfg)["suite"])
         if (cfg.max_source_len, cfg.max_target_len, cfg.max_instruction_len) == (1024, 128, 1024):
@@ -479,7 +480,9 @@ class TextBatcher:
     """Base-stage batches, a pure function of (seed, step). Each text becomes one of three generic denoising
     pairs, in equal shares: T5 span corruption, prefix LM (input = a first part, target = the rest), or
     reconstruction (BART-style: the target is the whole text, the input has its dropped spans replaced by
-    sentinels). Reconstruction is the one that teaches the decoder to copy what the encoder sees."""
+    sentinels). Reconstruction is the one that teaches the decoder to copy what the encoder sees. As in UL2, a
+    mode token opens the input of the last two (the two lowest sentinels, which span corruption never reaches
+    here), so the model knows which of the three it is asked for instead of guessing."""
 
     def __init__(self, seqs, batch_size, vocab, seed):
         self.seqs, self.batch_size, self.vocab, self.seed = [s for s in seqs if len(s) >= 2], batch_size, vocab, seed
@@ -495,9 +498,9 @@ class TextBatcher:
                 s, t = span_corrupt(ids, rng, self.vocab)
             elif kind == 1:
                 cut = rng.randint(1, len(ids) - 1)
-                s, t = ids[:cut], ids[cut:]
+                s, t = [self.vocab - 100] + ids[:cut], ids[cut:]
             else:
-                s, t = span_corrupt(ids, rng, self.vocab)[0], ids
+                s, t = [self.vocab - 99] + span_corrupt(ids, rng, self.vocab)[0], ids
             src.append(s + [1])
             tgt.append(t + [1])
         out = {}

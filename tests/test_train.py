@@ -377,10 +377,10 @@ def test_refuses_a_missing_tokenizer(stage, tiny, prepared, tmp_path):
 
 @pytest.fixture(scope="session")
 def other_tokenizers(tiny, tmp_path_factory):
-    """Tokenizers of the suite's text with more and with fewer ids than the tiny model's 440 embeddings."""
+    """Tokenizers of the suite's text with more and with fewer ids than the tiny model's 740 embeddings."""
     d = tmp_path_factory.mktemp("tokenizers")
     texts = data.suite_texts(tiny / "suite")
-    big = data.train_tokenizer(texts, d / "big.model", 600, model_type="bpe")
+    big = data.train_tokenizer(texts, d / "big.model", 1000, model_type="bpe")
     small = data.train_tokenizer(texts, d / "small.model", 300, model_type="bpe")
     vocab = train.T5Config.from_json(tiny / "base" / "config.json").vocab_size
     assert small.vocab_size < vocab < big.vocab_size
@@ -465,7 +465,7 @@ def test_finetune_refuses_a_pretrained_hypernetwork_of_another_shape(tiny, prepa
 def test_base_refuses_a_suite_built_with_other_settings(tmp_path):
     suite = tmp_path / "suite"
     suite.mkdir()
-    (suite / "suite.json").write_text(json.dumps({"seed": 1, "vocab_size": 440, "instances_per_task": 300}))
+    (suite / "suite.json").write_text(json.dumps({"seed": 1, "vocab_size": 640, "instances_per_task": 140}))
     with pytest.raises(ValueError, match=f"{suite}: holds a suite built with"):
         main("--stage", "base", "--steps", 1, "--out", tmp_path / "run", "--data_dir", suite)
 
@@ -492,9 +492,9 @@ def test_quick_pipeline_results_come_from_its_predictions(tiny, tmp_path):
     for stage in (TEACHERS, "teachers-all", "teachers-all-instance", "pretrain", "finetune"):
         assert json.loads((out / stage / "stage.json").read_text())["config"]["steps"] == 10
 
-    held_out = data.sni_examples(data.load_sni(tiny / "suite", part="test", max_instances=4), num_pos=2)
+    held_out = data.sni_examples(data.load_sni(tiny / "suite", part="test", max_instances=4), num_pos=0)
     seen_tasks = data.load_sni(tiny / "suite", part="train", max_instances=None)
-    seen = [e for e in data.sni_examples(seen_tasks, num_pos=2) if 10 <= int(e.id.rsplit("-", 1)[1]) < 12]  # 2 new each
+    seen = [e for e in data.sni_examples(seen_tasks, num_pos=0) if int(e.id.rsplit("-", 1)[1]) == 10]  # 1 new each
     table = (res / "results.md").read_text()
     for name in methods:
         for split, exs in (("held-out", held_out), ("seen", seen)):
