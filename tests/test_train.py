@@ -144,6 +144,38 @@ def test_base_stage_writes_a_model_the_other_stages_find(tiny):
     assert mdir == base and t5.config.vocab_size == tok.vocab_size
 
 
+def test_base_objectives_rebuild_their_text():
+    """Every base-stage pair gives back its text: span corruption by putting each dropped span back at its
+    sentinel, prefix LM (mode token V-100) by joining input and target, reconstruction (mode token V-99) as the
+    target itself, whose input is the text with spans dropped. The three kinds come in about equal shares."""
+    V = 740
+    texts = [list(range(3, 3 + n)) for n in (2, 5, 17, 40, 120)]
+    b = train.TextBatcher(texts, 64, V, seed=0)
+    kinds = []
+    for step in range(4):
+        batch = b.batch(step)
+        for src, tgt in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+            src, tgt = src[:src.index(1)], tgt[:tgt.index(1)]  # up to eos
+            assert V - 100 not in tgt and V - 99 not in tgt  # mode tokens open inputs only
+            if src[0] == V - 100:
+                kinds.append("prefix")
+                assert src[1:] + tgt in texts and len(src) > 1 and tgt
+            elif src[0] == V - 99:
+                kinds.append("reconstruct")
+                assert tgt in texts and any(t >= V - 98 for t in src[1:])
+                kept = [t for t in src[1:] if t < V - 98]
+                assert kept == [t for t in tgt if t in kept]  # the kept tokens, in order
+            else:
+                kinds.append("spans")
+                spans, k = {}, None
+                for t in tgt:
+                    k = t if t >= V - 98 else k
+                    if t < V - 98:
+                        spans.setdefault(k, []).append(t)
+                assert [x for t in src for x in (spans[t] if t >= V - 98 else [t])] in texts
+    assert all(60 < kinds.count(k) < 110 for k in ("prefix", "reconstruct", "spans")), kinds
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 1. Exact resume
 
