@@ -90,6 +90,13 @@ def resume(*cli):
     main(*cli, "--resume")
 
 
+def saving_teachers(tiny, straight, tmp_path, steps):
+    """A teachers run of `steps` steps saving every 2, for fault injection: (the uninterrupted reference run,
+    the run folder, its stage folder, the command line)."""
+    out = tmp_path / "run"
+    return straight("teachers", steps), out, out / TEACHERS, args(tiny, out, "teachers", steps, "--save_every", 2)
+
+
 def interrupt_at(monkeypatch, k: int):
     """Make train.fit's batcher raise KeyboardInterrupt when it is asked for the first micro-batch of step k:
     the run takes train.py's Ctrl-C path (save the checkpoint, exit 130) after exactly k optimizer steps."""
@@ -212,9 +219,7 @@ def test_resume_after_ctrl_c_is_bit_identical(stage, tiny, prepared, straight, t
 def test_ctrl_c_during_a_periodic_save_resumes_exactly(tiny, prepared, straight, tmp_path,
                                                        monkeypatch):
     N = 6
-    ref = straight("teachers", N)
-    out, d = tmp_path / "run", tmp_path / "run" / TEACHERS
-    cli = args(tiny, out, "teachers", N, "--save_every", 2)
+    ref, out, d, cli = saving_teachers(tiny, straight, tmp_path, N)
     real_save, interrupted = train.save_checkpoint, []
 
     def save_then_ctrl_c(stage_dir, objective, opt, step, cfg, stage):
@@ -321,9 +326,7 @@ def test_ddp_two_ranks_match_one_process(stage, tiny, prepared, tmp_path):
 def test_crash_while_saving_keeps_the_previous_checkpoint(tiny, prepared, straight, tmp_path,
                                                           monkeypatch):
     N = 6
-    ref = straight("teachers", N)
-    out, d = tmp_path / "run", tmp_path / "run" / TEACHERS
-    cli = args(tiny, out, "teachers", N, "--save_every", 2)
+    ref, out, d, cli = saving_teachers(tiny, straight, tmp_path, N)
     real_write = model.atomic_write_bytes
 
     def crash_midway(path, chunks):
@@ -362,9 +365,7 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tiny, prepared, straig
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(bad, tiny, prepared, straight,
                                                                   tmp_path, monkeypatch):
     N, k = 6, 3
-    ref = straight("teachers", N)
-    out, d = tmp_path / "run", tmp_path / "run" / TEACHERS
-    cli = args(tiny, out, "teachers", N, "--save_every", 2)
+    ref, out, d, cli = saving_teachers(tiny, straight, tmp_path, N)
     real_forward, calls = train.TeacherObjective.forward, []
 
     def forward(self, batch, norm):
