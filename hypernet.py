@@ -9,14 +9,15 @@ One small network serves every layer; the target embedding tells it which module
 a batch come out of one batched call (one head pair per weight shape), and a task's adapters are generated once
 and reused for all of its instances.
 
-Zero at step 0 with gradients everywhere. LoRA starts from ΔW = 0 by zeroing B, but then A (and all that feeds the
-heads) gets no gradient on the first step. Here the heads start random and a frozen copy of them,
-fed a stop-gradient of h, is subtracted:
-    ΔW_m = B_m A_m − B0_m A0_m,   (B0, A0) = frozen_heads(sg(h_m))
-which is exactly 0 at initialisation (same weights, same inputs), while every trainable parameter gets a gradient
-from the first step. The adapter handed to T5 is the rank-2r pair [B, −B0]·[A; A0]; the frozen half is fixed
-(it does not learn), so the capacity that learns is rank r, as in the paper. (Paper/official code: zero-initialised
-output layer; here: the frozen-copy offset, so that the first steps are not wasted. See README.)
+Zero at step 0, with exact gradients. LoRA starts from ΔW = 0 by zeroing B, so on the first step only B learns.
+Here the heads start random and a frozen copy of them, fed the same h, is subtracted:
+    ΔW_m = B_m A_m − B0_m A0_m,   (A, B) = heads(h_m),  (A0, B0) = frozen_heads(h_m)
+At initialisation the two heads are equal, so ΔW is 0 for every h: the output is the frozen T5's, and on the first
+step both A and B heads learn (the trunk's gradient is exactly 0 then, as with LoRA's B = 0; it flows from the
+second step on). The copy is fed h itself, not a stop-gradient: the backward pass is the exact gradient of the
+forward (tests/test_tagi.py checks it against finite differences). The adapter handed to T5 is the rank-2r pair
+[B, −B0]·[A; A0]; the frozen heads never change. (Paper: not stated; official code: every hypernetwork weight
+drawn from N(0, 1e-7), so ΔW ≈ 0 and nothing is exact; here: the frozen-copy offset. See README.)
 
 Shapes: N tasks, s instruction length, D d_model, M adapted modules, h hidden width, r rank.
 """
@@ -28,7 +29,7 @@ import math
 import torch
 import torch.nn as nn
 
-from model import T5
+from model import T5, wide
 
 FFN = ("wi", "wi_0", "wi_1", "wo")  # FFN Linears; the others (q, k, v, o) are chosen per attention kind
 
@@ -103,14 +104,14 @@ class HyperNetwork(nn.Module):
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """states (N, s, D) from the frozen encoder, mask (N, s) -> {path: (A (N, 2r, in), B (N, out, 2r))}."""
-        z = self.task_proj(masked_mean(states.float(), mask))              # (N, h)
+        z = self.task_proj(masked_mean(wide(states), mask))              # (N, h)
         e = self.layer_emb(self.layer_ids) + self.kind_emb(self.kind_ids)  # (M, h)
         N, M = z.shape[0], e.shape[0]
         h = self.mlp(torch.cat([z[:, None].expand(N, M, -1), e[None].expand(N, M, -1)], -1))  # (N, M, h)
         out = {}
         for g, idx in enumerate(self.groups):
             A, B = self.heads(h[:, idx], g)              # (N, M_g, r, in), (N, M_g, out, r)
-            A0, B0 = self.heads0(h[:, idx].detach(), g)
+            A0, B0 = self.heads0(h[:, idx], g)           # same input: ΔW = 0 at init
             A, B = torch.cat([A, A0], 2), torch.cat([B, -B0], 3) * self.scale  # rank 2r: [B, -B0]·[A; A0]
             for j, i in enumerate(idx):
                 out[self.targets[i]] = (A[:, j], B[:, j])

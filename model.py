@@ -102,6 +102,11 @@ def activation(feed_forward_proj: str) -> str:
 # Building blocks
 
 
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """x in at least float32 (float64 stays float64, so gradient checks in float64 are exact)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """B (A x) for a batch: x (N, L, in), A (N|1, r, in), B (N|1, out, r) -> (N, L, out). Per-example factors
     broadcast through batched matmul (bmm): O(N L r (in + out)) work, no (out, in) matrix per example."""
@@ -131,7 +136,7 @@ class RMSNorm(nn.Module):
         self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
 
     def forward(self, x):
-        x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        x = x * torch.rsqrt(wide(x).pow(2).mean(-1, keepdim=True) + self.eps)
         if self.weight.dtype in (torch.float16, torch.bfloat16):
             x = x.to(self.weight.dtype)
         return self.weight * x
@@ -301,7 +306,7 @@ def shift_right(labels: torch.Tensor, start: int = 0) -> torch.Tensor:
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(N, T, V), (N, T) -> (N, T) negative log-likelihood, 0 where labels == -100."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+    return F.cross_entropy(wide(logits).flatten(0, 1), labels.flatten(), ignore_index=-100,
                            reduction="none").view(labels.shape)
 
 

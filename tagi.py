@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from hypernet import HyperNetwork, target_paths
 from model import Attention, RMSNorm, T5, atomic_write_text, load_safetensors, save_safetensors, shift_right, \
-    token_nll
+    token_nll, wide
 
 
 @dataclass
@@ -48,8 +48,9 @@ class TAGIConfig:
 
 class FusionLayer(nn.Module):
     """Cross-attention from the instance's encoder states to the instruction states I_x, added as a residual
-    sub-layer after each encoder block's self-attention. Like the hypernetwork heads, it starts as itself minus a
-    frozen copy of itself (fed stop-gradients), so it adds exactly 0 at step 0 and every weight learns at once."""
+    sub-layer after each encoder block's self-attention. Like the hypernetwork heads, it is itself minus a frozen
+    copy of itself fed the same inputs: it adds exactly 0 at step 0 (and passes no gradient to x or ctx then), and
+    its backward pass is the exact gradient of its forward."""
 
     def __init__(self, t5: T5):
         super().__init__()
@@ -60,7 +61,7 @@ class FusionLayer(nn.Module):
     def forward(self, x, ctx, ctx_bias):
         """x (N, S, D) attends to ctx (N, s, D) under ctx_bias (N, 1, 1, s) -> (N, S, D)."""
         norm0, attn0 = self.frozen
-        return self.attn(self.norm(x), ctx_bias, kv=ctx) - attn0(norm0(x.detach()), ctx_bias, kv=ctx.detach())
+        return self.attn(self.norm(x), ctx_bias, kv=ctx) - attn0(norm0(x), ctx_bias, kv=ctx)
 
 
 def additive_mask(mask: torch.Tensor, dtype) -> torch.Tensor:
@@ -82,8 +83,8 @@ def kl_loss(student, teacher, labels, T: float, n_tokens=None):
     """Eq. 4: T^2 · KL(softmax(z_t/T) || softmax(z_s/T)) per target token, averaged over real tokens only.
     student, teacher (N, T, V) logits on the same target positions; labels (N, T) marks padding with -100."""
     keep = labels != -100  # select real tokens first: whatever sits at padding cannot leak in (not even NaN)
-    log_s = F.log_softmax(student[keep].float() / T, -1)  # (n, V)
-    log_t = F.log_softmax(teacher[keep].float() / T, -1)
+    log_s = F.log_softmax(wide(student[keep]) / T, -1)  # (n, V)
+    log_t = F.log_softmax(wide(teacher[keep]) / T, -1)
     kl = (log_t.exp() * (log_t - log_s)).sum(-1)  # (n,)
     return T * T * kl.sum() / (keep.sum().clamp(min=1) if n_tokens is None else n_tokens)
 
@@ -93,7 +94,7 @@ def lora_distance(A1, B1, A2, B2):
     tr(B1ᵀB1·A1A1ᵀ) - 2 tr(B1ᵀB2·A2A1ᵀ) + tr(B2ᵀB2·A2A2ᵀ). A (N, r, in), B (N, out, r) -> (N,)."""
     def tr(Ba, Bb, Aa, Ab):  # tr(Baᵀ Bb · Ab Aaᵀ) = sum((BaᵀBb) ⊙ (Aa Abᵀ))
         return ((Ba.mT @ Bb) * (Aa @ Ab.mT)).sum((1, 2))
-    A1, B1, A2, B2 = A1.float(), B1.float(), A2.float(), B2.float()
+    A1, B1, A2, B2 = wide(A1), wide(B1), wide(A2), wide(B2)
     return (tr(B1, B1, A1, A1) - 2 * tr(B1, B2, A1, A2) + tr(B2, B2, A2, A2)).clamp(min=0)
 
 
