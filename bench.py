@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import data
 import model
 from hypernet import target_paths
 from model import T5, T5Config, shift_right
@@ -302,22 +303,35 @@ def report(res: dict, info: dict) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = data.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--only", default="t5,lora,hypernet", help="comma-separated subset of t5, lora, hypernet")
     ap.add_argument("--quick", action="store_true", help="warm-up 1, repeats 2")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1, help="torch and OMP threads (1: comparable, quiet machine)")
+    ap.add_argument("--warmup", type=data.bounded(int, ">= 0"), default=1)
+    ap.add_argument("--repeats", type=data.bounded(int, ">= 1"), default=3)
+    ap.add_argument("--threads", type=data.bounded(int, ">= 1"), default=1,
+                    help="torch and OMP threads (1: comparable, quiet machine)")
     ap.add_argument("--json", help="append the results to this JSON list")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one benchmark, print its JSON
     args = ap.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    unknown = sorted(set(args.only.split(",")) - {"t5", "lora", "hypernet"})
+    if unknown:
+        raise SystemExit(f"--only: unknown {unknown}; choose from t5, lora, hypernet")
+    runs = []  # --json is read now, not after minutes of benchmarks
+    if args.json and Path(args.json).exists():
+        try:
+            runs = json.loads(Path(args.json).read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--json {args.json}: unreadable or broken JSON ({e}); pass a new file") from None
+        if not isinstance(runs, list):
+            raise SystemExit(f"--json {args.json}: holds no JSON list; pass a new file")
+    elif args.json and not Path(args.json).resolve().parent.is_dir():
+        raise SystemExit(f"--json {args.json}: no folder {Path(args.json).parent}")
+    device = data.pick_device(args.device)
+    args.device = device.type
     if args.quick:
         args.warmup, args.repeats = 1, 2
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     if args.one:
         fn = run_lora if args.one == "lora" else run_hypernet if args.one == "hypernet" else \
             lambda d, w, r: run_t5(args.one, d, w, r)
@@ -336,10 +350,8 @@ def main(argv=None):
         print(f"[{name}: {time.perf_counter() - t:.0f} s]", file=sys.stderr, flush=True)
     print(report(res, info))
     if args.json:
-        path = Path(args.json)
-        runs = json.loads(path.read_text()) if path.exists() else []
-        path.write_text(json.dumps(runs + [{**info, "results": res}], indent=1) + "\n")
+        Path(args.json).write_text(json.dumps(runs + [{**info, "results": res}], indent=1) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    data.cli(main)

@@ -18,6 +18,7 @@ Local file layouts read here (nothing is downloaded):
 
 Run `python data.py runs/suite` to build the suite and its tokenizer and print a few prompts.
 """
+import argparse
 import gzip
 import io
 import itertools
@@ -26,6 +27,7 @@ import random
 import re
 import string
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,8 +160,9 @@ def load_sni_task(path) -> dict:
 
 
 def load_sni(data_dir, split: str = "default", part: str = "train", max_instances: int | None = 100,
-             english_only: bool = True, missing_ok: bool = False) -> list[dict]:
-    """The tasks listed in splits/<split>/<part>_tasks.txt, each cut to its first `max_instances` instances."""
+             english_only: bool = True, missing_ok: bool = False, sample_seed: int | None = None) -> list[dict]:
+    """The tasks listed in splits/<split>/<part>_tasks.txt, each cut to its first `max_instances` instances
+    (with sample_seed: `max_instances` drawn at random, seeded by (seed, task), as the official code shuffles)."""
     data_dir = Path(data_dir)
     list_file = data_dir / "splits" / split / f"{part}_tasks.txt"
     if not list_file.is_file():
@@ -177,6 +180,8 @@ def load_sni(data_dir, split: str = "default", part: str = "train", max_instance
         langs = [task.get("Input_language", ["English"]), task.get("Output_language", ["English"])]
         if english_only and not all(any("English" in str(x) for x in lang) for lang in langs):
             continue
+        if sample_seed is not None:
+            random.Random(f"{sample_seed}-{name}").shuffle(task["Instances"])
         if max_instances is not None:
             task["Instances"] = task["Instances"][:max_instances]
         tasks.append(task)
@@ -184,11 +189,17 @@ def load_sni(data_dir, split: str = "default", part: str = "train", max_instance
 
 
 def _dot(s: str) -> str:
-    """Tk-Instruct appends "." to a piece whose last character is not in string.punctuation."""
+    """Tk-Instruct appends "." to a piece whose last character is not in string.punctuation.
+    "Input: cat" -> "Input: cat."; "Is it?" and "a;" stay; "…" is not ASCII punctuation, so "kurz…" -> "kurz….";
+    an empty piece becomes "."."""
     return s if s and s[-1] in string.punctuation else s + "."
 
 
 def _example_block(kind: str, k: int, ex: dict, add_explanation: bool) -> str:
+    """One worked example of a prompt (kind "Positive" or "Negative", k counted from 1), each line a piece passed
+    through _dot with the input / output / explanation stripped (an output stored as a list: its first answer):
+    " Positive Example 1 -\nInput: cat.\n Output: tac.\n" + [" Explanation: Reversed.\n"] + "\n"; the
+    explanation only with add_explanation and when the example has one."""
     block = f" {kind} Example {k} -\n" + _dot(f"Input: {ex['input'].strip()}") + "\n"
     y = ex["output"][0] if isinstance(ex["output"], list) else ex["output"]  # old files: a list of answers
     block += _dot(f" Output: {y.strip()}") + "\n"
@@ -198,13 +209,18 @@ def _example_block(kind: str, k: int, ex: dict, add_explanation: bool) -> str:
 
 
 def instance_text(instance_input: str) -> str:
-    """The student's input: the instance alone, in Tk-Instruct's wrapper (DESIGN.md §5)."""
+    """The student's input: the instance alone, in Tk-Instruct's wrapper (DESIGN.md §5).
+    "  bird " -> "Now complete the following example -\nInput: bird.\nOutput: " (the input stripped, its piece
+    "Input: ..." through _dot, and a space after the last "Output:")."""
     return "Now complete the following example -\n" + _dot(f"Input: {instance_input.strip()}") + "\nOutput: "
 
 
 def prompt_blocks(task: dict, num_pos: int = 2, num_neg: int = 0, add_task_name: bool = False,
                   add_explanation: bool = False) -> tuple[str, list[str]]:
-    """(head, example blocks): head = "[name. ]Definition: ...\\n\\n"; the blocks are positives then negatives."""
+    """(head, example blocks): head = "[name. ]Definition: ...\n\n"; the blocks are positives then negatives.
+    head: "{task['name']}. " only with add_task_name, then the piece "Definition: " + the first definition,
+    stripped, through _dot, then "\n\n". Blocks: _example_block of the first num_pos positive examples, then of
+    the first num_neg negative ones (a task may have none), each kind numbered from 1."""
     head = f"{task['name']}. " if add_task_name else ""  # official collator: instance["Task"] + ". "
     head += _dot("Definition: " + task["Definition"][0].strip()) + "\n\n"
     blocks = [_example_block("Positive", k + 1, ex, add_explanation)
@@ -216,7 +232,10 @@ def prompt_blocks(task: dict, num_pos: int = 2, num_neg: int = 0, add_task_name:
 
 def sni_prompt(task: dict, instance_input: str, num_pos: int = 2, num_neg: int = 0, add_task_name: bool = False,
                add_explanation: bool = False) -> str:
-    """The Tk-Instruct source string exactly as the official collator (ni_collator.py) builds it; no length limit."""
+    """The Tk-Instruct source string exactly as the official collator (ni_collator.py) builds it; no length limit.
+    The head, the example blocks and instance_text(instance_input), joined without separators, e.g.
+    "Definition: Say hi.\n\n Positive Example 1 -\nInput: a.\n Output: b.\n\nNow complete the following
+    example -\nInput: c.\nOutput: " for num_pos=1 (Tk-Instruct's format, Wang et al., 2022)."""
     head, blocks = prompt_blocks(task, num_pos, num_neg, add_task_name, add_explanation)
     return head + "".join(blocks) + instance_text(instance_input)
 
@@ -319,7 +338,8 @@ class Batcher:
 
     def __init__(self, examples: list[Example], tokenizer: Tokenizer, batch_size: int, seed: int = 0,
                  max_source_len: int = 1024, max_target_len: int = 128, max_instruction_len: int = 1024,
-                 tasks: list[str] | None = None, shuffle: bool = True, bucket: bool = False, bucket_window: int = 50):
+                 tasks: list[str] | None = None, shuffle: bool = True, bucket: bool = False, bucket_window: int = 50,
+                 random_reference: bool = False):
         if not examples or batch_size < 1:
             raise ValueError(f"need examples ({len(examples)}) and batch_size >= 1 ({batch_size})")
         self.examples, self.tokenizer, self.batch_size, self.seed = examples, tokenizer, batch_size, seed
@@ -339,6 +359,8 @@ class Batcher:
         self.prompt = [_fit(*e.blocks, e.source, tokenizer, max_source_len) if e.blocks
                        else truncate(enc(e.prompt), max_source_len) for e in examples]
         self.target = [truncate(enc(e.target), max_target_len) for e in examples]
+        self.references = [[truncate(enc(r), max_target_len) for r in e.references] for e in examples] \
+            if random_reference else None  # training batches then draw one reference per example (official)
         self.task_idx = [self.task_index[e.task] for e in examples]
         self.stream = _Stream(len(examples), seed, shuffle)
 
@@ -358,17 +380,21 @@ class Batcher:
         random.Random(f"bucket-{self.seed}-{window}").shuffle(batches)
         return batches[k]
 
-    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        out = {}
+    def collate(self, indices: list[int], step: int | None = None) -> dict[str, torch.Tensor]:
+        """The batch of `indices`; the targets are first references, or with random_reference and a step, a
+        reference drawn per example by (seed, step, index)."""
+        out, target = {}, self.target
+        if self.references is not None and step is not None:
+            target = {i: random.Random(f"ref-{self.seed}-{step}-{i}").choice(self.references[i]) for i in indices}
         out["input_ids"], out["attention_mask"] = pad([self.source[i] for i in indices])
         out["instruction_ids"], out["instruction_mask"] = pad([self.instruction[i] for i in indices])
         out["prompt_ids"], out["prompt_mask"] = pad([self.prompt[i] for i in indices])
-        out["labels"], _ = pad([self.target[i] for i in indices], value=-100)
+        out["labels"], _ = pad([target[i] for i in indices], value=-100)
         out["task_idx"] = torch.tensor([self.task_idx[i] for i in indices], dtype=torch.long)
         return out
 
     def batch(self, step: int, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
-        return self.collate(_shard(self.global_indices(step), self.batch_size, rank, world_size))
+        return self.collate(_shard(self.global_indices(step), self.batch_size, rank, world_size), step)
 
     def iter_eval(self, batch_size: int):
         """(examples slice, batch) in the stored order, no shuffling: for evaluation."""
@@ -380,17 +406,22 @@ class Batcher:
 _P3_FIELDS = {"inputs_pretokenized": str, "targets_pretokenized": str}
 
 
-def load_p3(p3_dir) -> list[dict]:
-    """Records {dataset, prompt, inputs, target, choices, is_correct, where} from <dir>/<dataset>/<prompt>.jsonl."""
+def load_p3(p3_dir, max_per_prompt: int | None = None) -> list[dict]:
+    """Records {dataset, prompt, inputs, target, choices, is_correct, where} from <dir>/<dataset>/<prompt>.jsonl;
+    the first `max_per_prompt` of each file (the paper samples 1,000 per prompt)."""
     files = sorted(Path(p3_dir).glob("*/*.jsonl"))
     if not files:
         raise ValueError(f"{p3_dir}: no <dataset>/<prompt>.jsonl files")
     records = []
     for f in files:
         with open(f, encoding="utf-8") as fh:
+            kept = 0
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
+                if max_per_prompt is not None and kept >= max_per_prompt:
+                    break
+                kept += 1
                 where = f"{f}:{lineno}"
                 try:
                     row = json.loads(line)
@@ -470,7 +501,11 @@ def split_abc(ids: list[int], rng: random.Random, max_a: int = 512, max_b: int =
 
     First a window of min(len, max_a + max_b + max_c) tokens is placed at a random start, then cut at two random
     points chosen so that len(a) <= max_a, len(b) <= max_b, len(c) <= max_c; a + b + c is exactly that window
-    (the whole sequence when it is short enough)."""
+    (the whole sequence when it is short enough).
+    Draws, in this order, each one rng.randint over every value still allowed: the window start, len(a) (leaving
+    b and c at least 1 token each and room for them within their caps), len(b) (the same for c); c is the rest.
+    Every allowed cut is reachable. ValueError for fewer than 3 tokens or a cap below 1. (The order of the draws
+    only matters to reproduce the reference run bit for bit.)"""
     if len(ids) < 3 or min(max_a, max_b, max_c) < 1:
         raise ValueError(f"need >= 3 tokens and caps >= 1, got {len(ids)} tokens, caps {max_a}/{max_b}/{max_c}")
     w = min(len(ids), max_a + max_b + max_c)
@@ -681,12 +716,80 @@ def ensure_suite(suite_dir, seed: int = 0, vocab_size: int = 640, instances_per_
     return d
 
 
-if __name__ == "__main__":
-    import time
+# ------------------------------------------------------------------------------------------ command lines
+# Every script (train, evaluate, tagi, bench, data) checks its flags before any work and answers bad input with one
+# line, `error: <flag or file>: <what is wrong and what to do>`, and exit status 2.
+
+
+def fail(msg) -> None:
+    print(f"error: {' '.join(str(msg).split())}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line too (argparse itself prints a usage block)."""
+
+    def error(self, message):
+        m = re.fullmatch(r"(?:the following arguments are required|unrecognized arguments): (.*)", message)
+        fail(f"{m.group(1)}: {'required' if 'required' in message else 'unknown flag'} (see --help)" if m else
+             message.removeprefix("argument "))  # "--fusion: invalid choice: ..."
+
+
+def bounded(typ, spec: str):
+    """An argparse type: typ(text), which must lie in spec: ">= 1", "> 0" or "[0, 1)" (half-open)."""
+    def parse(text):
+        x = typ(text)
+        if spec.startswith("["):
+            lo, hi = map(float, spec[1:-1].split(","))
+            ok = lo <= x < hi
+        else:
+            op, bound = spec.split()
+            ok = x >= float(bound) if op == ">=" else x > float(bound)
+        if not ok:  # NaN fails every comparison
+            raise argparse.ArgumentTypeError(f"must be {'in ' * spec.startswith('[')}{spec}, got {text}")
+        return x
+    parse.__name__ = typ.__name__  # argparse names the type in "invalid int value: 'x'"
+    return parse
+
+
+def pick_device(name: str) -> torch.device:
+    """--device auto | cpu | cuda; asking for CUDA where there is none is bad input, not a crash later."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device on this machine; use --device cpu or auto")
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+
+
+def cli(main) -> None:
+    """Run a script's main() the way a shell calls it: a ValueError (library code names the file and field), an
+    unreadable file or a SystemExit with a message becomes the one `error:` line and exit status 2."""
+    try:
+        main()
+    except NotImplementedError as e:  # a classroom handout (ASSIGNMENTS.md): "E<k> <file>::<name>: see ASSIGNMENTS.md"
+        if not re.fullmatch(r"E[0-9]+ \S+::\S+: see ASSIGNMENTS\.md", str(e)):
+            raise
+        fail(str(e).replace(": see", " is not implemented yet: see", 1))
+    except (ValueError, OSError) as e:
+        fail(f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else e)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            fail(e.code)
+        raise
+
+
+def main(argv=None):
+    ap = ArgumentParser(description="Build the built-in suite (SNI layout) and its tokenizer; print a few prompts.")
+    ap.add_argument("folder", nargs="?", default="runs/suite", help="where the suite is (or goes)")
+    folder = Path(ap.parse_args(argv).folder)
+    if folder.exists() and not folder.is_dir():
+        raise SystemExit(f"{folder}: is a file, not a folder; pass a folder for the suite")
     t0 = time.time()
-    folder = ensure_suite(sys.argv[1] if len(sys.argv) > 1 else "runs/suite")
+    folder = ensure_suite(folder)
     tok = Tokenizer(folder / "spiece.model")
     train, test = load_sni(folder, part="train"), load_sni(folder, part="test")
     print(f"{folder}: {len(train)} train / {len(test)} test tasks, vocab {tok.vocab_size}, {time.time() - t0:.1f}s")
     for ex in sni_examples(test[:: max(1, len(test) // 3)], num_pos=0)[::100]:  # "Def", as the suite runs
         print("-" * 80 + f"\n{ex.prompt}{ex.target}\n  ({len(tok.encode(ex.prompt))} tokens)")
+
+
+if __name__ == "__main__":
+    cli(main)

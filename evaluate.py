@@ -2,7 +2,7 @@
 TAGI against its baselines and ablations on the same data, and efficiency (FLOPs, latency). See DESIGN.md §9.
 
     python evaluate.py --out runs/default              # the comparison table of a finished `python train.py` run
-    python evaluate.py --out runs/default --ablations  # also train and score the paper's Table 4 ablations
+    python evaluate.py --out runs/default --ablations  # also Table 4's ablations (python train.py --stage ablations)
     python evaluate.py --efficiency                    # FLOPs and wall time: TAGI vs instruction concatenation
 
 SNI metrics follow the official `compute_metrics.py` (natural-instructions eval/automatic/evaluation.py, copied by
@@ -12,12 +12,11 @@ Tk-Instruct and TAGI) for the default (English) track:
 - exact match after lowercasing, deleting ASCII punctuation and collapsing whitespace; articles are kept.
 Both take the max over the references; `sni_scores` averages, multiplies by 100 and rounds to 4 decimals.
 """
-import argparse
 import json
 import string
 import time
-from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from rouge_score import rouge_scorer
@@ -26,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import data
 from model import T5, T5Config, mean_nll
-from tagi import TAGI, TAGIConfig
+from tagi import TAGI, TAGIConfig, base_of, load_bank, read_stage_info, teacher_group
 
 _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)  # the official default-track scorer
 _PUNCTUATION = set(string.punctuation)  # ASCII only, as in the official normalize_answer
@@ -85,21 +84,34 @@ def sni_report(preds: list[str], examples) -> dict:
 # Methods: each turns a batch (data.Batcher's keys) into generated ids, or into per-example NLL of the labels
 
 
+def method_dir(run_dir: Path, name: str) -> Path:
+    """Where train.py writes a TAGI method: tagi -> <run>/finetune, tagi-nofusion -> <run>/finetune-nofusion."""
+    return run_dir / name.replace("tagi", "finetune", 1)
+
+
 def method_fns(name: str, run_dir: Path, t5: T5, device, group: str = "task"):
     """(generate(batch, max_new_tokens) -> ids, nll(batch) -> (N,)) for one method, or None if it was not trained.
     base: the untuned T5 on the full prompt; concat: one LoRA trained on full prompts (Tk-Instruct style);
     noinstr: one LoRA trained on instances alone; teacher: each task's own LoRA (seen tasks only);
-    tagi / tagi-*: a finetuned TAGI (instance-only input, adapters generated from the instruction)."""
-    from train import load_teachers, read_stage_info  # noqa: circular only in name: train imports us lazily
+    tk-instruct: every base weight finetuned on full prompts; tagi / tagi-*: a finetuned TAGI (instance-only input,
+    adapters generated from the instruction); tagi-adapter: its adapters alone, as `tagi.py adapter` exports them."""
     if name == "base":
         return (lambda b, n: t5.generate(b["prompt_ids"], b["prompt_mask"], n),
                 lambda b: mean_nll(t5(b["prompt_ids"], b["prompt_mask"], labels=b["labels"]).logits, b["labels"]))
+    if name == "tk-instruct":  # every base weight finetuned on full prompts (train.py --stage tk)
+        if not (run_dir / "tk" / "stage.json").exists():
+            return None
+        tk = T5.from_pretrained(run_dir / "tk").to(device).eval()
+        return (lambda b, n: tk.generate(b["prompt_ids"], b["prompt_mask"], n),
+                lambda b: mean_nll(tk(b["prompt_ids"], b["prompt_mask"], labels=b["labels"]).logits, b["labels"]))
     if name in ("concat", "noinstr", "teacher"):
         d = run_dir / {"concat": "teachers-all", "noinstr": "teachers-all-instance", "teacher": f"teachers-{group}"}[name]
         if not (d / "stage.json").exists():
             return None
         info = read_stage_info(d, "teachers")
-        bank, _, _ = load_teachers(d, t5, [], {}, device)
+        if info.get("on_tk"):  # LoRAs trained on the tk model, as the paper's teachers
+            t5 = T5.from_pretrained(info["base_model"]).to(device).eval()
+        bank, _ = load_bank(d, t5, device)
         keys = {k: i for i, k in enumerate(info["keys"])}
         ids, mask = ("input_ids", "attention_mask") if info["input"] == "instance" else ("prompt_ids", "prompt_mask")
 
@@ -111,10 +123,12 @@ def method_fns(name: str, run_dir: Path, t5: T5, device, group: str = "task"):
         return (lambda b, n: t5.generate(b[ids], b[mask], n, adapters=adapters(b)),
                 lambda b: mean_nll(t5(b[ids], b[mask], labels=b["labels"], adapters=adapters(b)).logits,
                                    b["labels"]))
-    d = run_dir / name.replace("tagi", "finetune", 1)
+    d = method_dir(run_dir, name.removesuffix("-adapter"))
     if not (d / "stage.json").exists():
         return None
     tagi = TAGI.load(d, t5).to(device).eval()
+    if name.endswith("-adapter"):  # the exported PEFT adapters alone (fusion left out); generation only
+        return (lambda b, n: tagi.generate_adapters_only(b, n), None)
     return (lambda b, n: tagi.generate(b, n), lambda b: mean_nll(tagi.student(b)[0], b["labels"]))
 
 
@@ -131,7 +145,15 @@ def predict(generate, batcher, tok, device, batch_size=64, max_new_tokens=128) -
 @torch.no_grad()
 def rank_classification(nll, items: list[dict], tok, device, batch_size=64) -> dict:
     """P3 evaluation: the option with the lowest mean per-token NLL wins. items: data.p3_rank_items records
-    (inputs, choices, answer, task, prompt[, instruction]). Accuracy is averaged over prompts, then tasks."""
+    (inputs, choices, answer, task, prompt[, instruction]). Accuracy is averaged over prompts, then tasks.
+
+    One row per (item, choice), item by item, batch_size rows per call of nll(batch) -> (rows,) scores. A batch
+    holds, on device: input_ids / attention_mask = data.pad of tok.encode(inputs), prompt_ids / prompt_mask the
+    same, instruction_ids / instruction_mask of tok.encode(instruction, or the prompt's name without one), labels
+    = tok.encode(choice) padded with -100, task_idx = the item's index; and the lists task_names ("task/prompt")
+    and categories (the task). The first choice with the lowest score is chosen. Returns {"accuracy": the mean
+    over tasks of the task's mean over its prompts of the % correct, "per_task": {task: %}, sorted by task,
+    "predictions": [the chosen choice of each item]}."""
     rows = [(i, c) for i, it in enumerate(items) for c in range(len(it["choices"]))]
     scores = torch.empty(len(rows))
     for s in range(0, len(rows), batch_size):
@@ -166,11 +188,17 @@ def rank_classification(nll, items: list[dict], tok, device, batch_size=64) -> d
 # ----------------------------------------------------------------------------------------------------------------
 # The comparison table (paper Tables 2 and 4, on whatever data the run was trained on)
 
-METHODS = ("base", "noinstr", "concat", "teacher", "tagi")
+METHODS = ("base", "noinstr", "concat", "tk-instruct", "teacher", "tagi", "tagi-adapter")
 # Table 4 of the paper, on our defaults: L_ins is off by default (see README), so its row adds it (λ2 = 1e-4
 # puts it on the scale of L_ce here) instead of removing it.
 ABLATIONS = {"tagi-nofusion": {"fusion": "none"}, "tagi-nopretrain": {"no_pretrain": True},
              "tagi-noce": {"ce_weight": 0.0}, "tagi-nokl": {"kl_weight": 0.0}, "tagi+ins": {"ins_weight": 1e-4}}
+
+
+def held_out_examples(cfg):
+    """The test tasks' first eval_instances instances (at most 20 under --quick)."""
+    n = min(cfg.eval_instances, 20) if cfg.quick else cfg.eval_instances
+    return data.sni_examples(data.load_sni(cfg.data_dir, part="test", max_instances=n), num_pos=cfg.num_pos)
 
 
 def seen_examples(cfg, total: int = 960):
@@ -183,36 +211,33 @@ def seen_examples(cfg, total: int = 960):
     return data.sni_examples([t for t in tasks if t["Instances"]], num_pos=cfg.num_pos)
 
 
-def compare(cfg, device, ablations: bool = False) -> dict:
-    """Score every trained method of the run in cfg.out on held-out tasks (and seen tasks, new instances);
+def eval_batcher(cfg, examples, tok, batch_size: int = 64) -> data.Batcher:
+    return data.Batcher(examples, tok, batch_size, shuffle=False, max_source_len=cfg.max_source_len,
+                        max_target_len=cfg.max_target_len, max_instruction_len=cfg.max_instruction_len)
+
+
+def compare(cfg, t5: T5, tok, device, ablations: bool = False) -> dict:
+    """Score every trained method of the run in cfg.out (cfg: the run's settings, a train.Config or the config a
+    stage.json saved) on held-out tasks (and seen tasks, new instances), on its base model t5 with tokenizer tok;
     write <out>/results/{results.json, results.md, <method>.<split>.jsonl} and print the table."""
-    import train
     run_dir, res_dir = Path(cfg.out), Path(cfg.out) / "results"
-    res_dir.mkdir(parents=True, exist_ok=True)
-    t5, tok, _ = train.load_base(cfg, device)
-    names = list(METHODS)
-    if ablations:
-        for name, kw in ABLATIONS.items():
-            if not (run_dir / name.replace("tagi", "finetune", 1) / "stage.json").exists():
-                c = train.stage_defaults(replace(cfg, **kw), "finetune")
-                train.say(f"[evaluate] training the ablation {name}: {kw}")
-                train.run_finetune(c, device, name=name.replace("tagi", "finetune", 1))
-        names += list(ABLATIONS)
+    names = list(METHODS) + (list(ABLATIONS) if ablations else [])
     results = {"config": {"out": cfg.out, "data": cfg.data, "num_pos": cfg.num_pos, "seed": cfg.seed}}
     if cfg.data == "p3":  # rank classification on the held-out datasets' answer choices
         items = data.p3_rank_items(data.load_p3(Path(cfg.data_dir) / "test"))
         for name in names:
-            fns = method_fns(name, run_dir, t5, device, train.teacher_group(cfg))
-            if fns is not None and name != "teacher":
+            fns = method_fns(name, run_dir, t5, device, teacher_group(cfg.group))
+            if fns is not None and fns[1] is not None and name != "teacher":
                 r = rank_classification(fns[1], items, tok, device)
                 results[name] = {"held-out": {"accuracy": r["accuracy"], "per_task": r["per_task"]}}
+        res_dir.mkdir(parents=True, exist_ok=True)
         (res_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
         print(json.dumps({k: v["held-out"]["accuracy"] for k, v in results.items() if k != "config"}, indent=1))
         return results
-    splits = {"held-out": train.task_examples(cfg, "test"), "seen": seen_examples(cfg, 384 if cfg.quick else 960)}
-    batchers = {s: train.batcher(replace(cfg, batch_size=64), exs, tok, shuffle=False) for s, exs in splits.items()}
+    splits = {"held-out": held_out_examples(cfg), "seen": seen_examples(cfg, 384 if cfg.quick else 960)}
+    batchers = {s: eval_batcher(cfg, exs, tok) for s, exs in splits.items()}
     for name in names:
-        fns = method_fns(name, run_dir, t5, device, train.teacher_group(cfg))
+        fns = method_fns(name, run_dir, t5, device, teacher_group(cfg.group))
         if fns is None:
             continue
         for split, exs in splits.items():
@@ -223,6 +248,7 @@ def compare(cfg, device, ablations: bool = False) -> dict:
             rep = sni_report(preds, exs)
             rep["seconds"] = round(time.time() - t0, 1)
             results.setdefault(name, {})[split] = rep
+            res_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad input above leaves --out untouched
             with open(res_dir / f"{name}.{split}.jsonl", "w") as f:
                 for e, p in zip(exs, preds):
                     f.write(json.dumps({"id": e.id, "prediction": p}, ensure_ascii=False) + "\n")
@@ -308,17 +334,14 @@ def task_cost(tagi: TAGI, concat_adapters: dict, batch: dict, timed: bool = True
     return out
 
 
-def efficiency_report(cfg, device) -> dict:
+def efficiency_report(cfg, t5: T5, tok, device) -> dict:
     """One task of 100 instances, measured twice: the run's own models on a held-out task, and an SNI-shaped case
     (T5 v1.1-base shape, rank 32 on q and v, ≈1,000-token prompts; FLOPs only, counted on the meta device)."""
-    import train
-    t5, tok, _ = train.load_base(cfg, device)
     tagi = TAGI.load(Path(cfg.out) / "finetune", t5).to(device).eval()
-    exs = train.task_examples(cfg, "test")
+    exs = held_out_examples(cfg)
     exs = [e for e in exs if e.task == exs[0].task][:100]
-    batch = {k: v.to(device) for k, v in train.batcher(replace(cfg, batch_size=len(exs)), exs, tok,
-                                                       shuffle=False).batch(0).items()}
-    concat = train.load_teachers(Path(cfg.out) / "teachers-all", t5, [], {}, device)[0].get(0)
+    batch = {k: v.to(device) for k, v in eval_batcher(cfg, exs, tok, len(exs)).batch(0).items()}
+    concat = load_bank(Path(cfg.out) / "teachers-all", t5, device)[0].get(0)
     report = {"run": {"task": exs[0].task, "instances": len(exs), "device": str(device),
                       **task_cost(tagi, concat, batch)}}
     report["sni_shape"] = sni_shape_cost()
@@ -342,23 +365,30 @@ def sni_shape_cost(N=100, s=900, S=100, T=16) -> dict:
 
 
 def main(argv=None):
-    import train
-    ap = argparse.ArgumentParser(description="Score a finished run: TAGI against its baselines and ablations.")
+    ap = data.ArgumentParser(description="Score a finished run: TAGI against its baselines and ablations.")
     ap.add_argument("--out", default="runs/default", help="the run folder written by train.py")
-    ap.add_argument("--ablations", action="store_true", help="also train (if missing) and score Table 4's ablations")
+    ap.add_argument("--ablations", action="store_true", help="also score Table 4's ablations (trained by "
+                    "`python train.py --stage ablations`)")
     ap.add_argument("--efficiency", action="store_true", help="FLOPs and wall time, TAGI vs concatenation")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the run's own --device")
     args = ap.parse_args(argv)
-    stage_json = Path(args.out) / "finetune" / "stage.json"
-    if not stage_json.exists():
-        raise SystemExit(f"{stage_json} not found: run `python train.py --out {args.out}` first")
-    saved = json.loads(stage_json.read_text())["config"]
-    cfg = train.resolve(train.Config(**{**saved, "out": args.out, "stage": "all"}))
-    _, _, device = train.setup_distributed(cfg.device)
+    run_dir = Path(args.out)
+    if not run_dir.is_dir():
+        raise SystemExit(f"--out {run_dir}: no such run folder; train one first: python train.py --out {run_dir}")
+    saved = read_stage_info(run_dir / "finetune", "finetune")["config"]  # the run's settings, already resolved
+    missing = [n for n in ABLATIONS if not (method_dir(run_dir, n) / "stage.json").is_file()] if args.ablations else []
+    if missing:
+        raise SystemExit(f"--ablations: {method_dir(run_dir, missing[0])} (and {len(missing) - 1} more) not trained; "
+                         f"run python train.py --stage ablations --out {run_dir} first")
+    cfg = SimpleNamespace(**{**saved, "out": args.out})
+    device = data.pick_device(args.device or cfg.device)
+    t5, info = base_of(run_dir / "finetune", device)
+    tok = data.Tokenizer(info["tokenizer"])
     if args.efficiency:
-        print(json.dumps(efficiency_report(cfg, device), indent=1))
+        print(json.dumps(efficiency_report(cfg, t5, tok, device), indent=1))
     else:
-        compare(cfg, device, args.ablations)
+        compare(cfg, t5, tok, device, args.ablations)
 
 
 if __name__ == "__main__":
-    main()
+    data.cli(main)

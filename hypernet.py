@@ -18,6 +18,9 @@ second step on). The copy is fed h itself, not a stop-gradient: the backward pas
 forward (tests/test_tagi.py checks it against finite differences). The adapter handed to T5 is the rank-2r pair
 [B, −B0]·[A; A0]; the frozen heads never change. (Paper: not stated; official code: every hypernetwork weight
 drawn from N(0, 1e-7), so ΔW ≈ 0 and nothing is exact; here: the frozen-copy offset. See README.)
+init="official" instead draws every head weight from N(0, 1e-7) with zero bias and drops the frozen copy: ΔW ≈ 0
+(not exactly), the adapter has rank r, and the trunk keeps its init (the official HyperNet's 8-wide hidden Linears
+are N(0, 1e-7) too). The official code scales B by 1/√r with no α: that is alpha = √rank here (α/r = 1/√r).
 
 Shapes: N tasks, s instruction length, D d_model, M adapted modules, h hidden width, r rank.
 """
@@ -53,7 +56,9 @@ def target_kind(path: str) -> tuple[int, str]:
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(N, s, D), (N, s) -> (N, D): the mean over real tokens only, padding excluded."""
+    """(N, s, D), (N, s) -> (N, D): the mean over real tokens only, padding excluded.
+    mask holds 1 for a real token and 0 for padding (long, bool or float); the result has x's dtype. A row without
+    a real token gives 0, not NaN (divide by the count, at least 1). This is the task vector t of Eq. 2."""
     m = mask.to(x.dtype).unsqueeze(-1)
     return (x * m).sum(1) / m.sum(1).clamp(min=1)
 
@@ -83,8 +88,11 @@ class Heads(nn.Module):
 class HyperNetwork(nn.Module):
     """Instruction states -> {module path: (A, B)} for every target (Eq. 2). `scale` (= α/r) is folded into B."""
 
-    def __init__(self, t5: T5, targets: list[str], rank: int = 32, alpha: float = 32.0, hidden: int = 256):
+    def __init__(self, t5: T5, targets: list[str], rank: int = 32, alpha: float = 32.0, hidden: int = 256,
+                 init: str = "offset"):
         super().__init__()
+        if init not in ("offset", "official"):
+            raise ValueError(f"HyperNetwork: init must be 'offset' or 'official', not {init!r}")
         D, lins = t5.config.d_model, t5.adaptable()
         self.targets, self.rank, self.scale = list(targets), rank, alpha / rank
         shapes = sorted({(lins[p].in_features, lins[p].out_features) for p in self.targets})
@@ -100,10 +108,25 @@ class HyperNetwork(nn.Module):
         self.kind_emb = nn.Embedding(len(kinds), hidden)
         self.mlp = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
         self.heads = Heads(hidden, shapes, rank)
-        self.heads0 = copy.deepcopy(self.heads).requires_grad_(False)  # the frozen offset, see the docstring
+        if init == "official":  # N(0, 1e-7) weights (biases are 0 already), no frozen copy: ΔW ≈ 0, rank r
+            for lin in [*self.heads.A, *self.heads.B]:
+                nn.init.normal_(lin.weight, std=1e-7)
+        self.heads0 = None if init == "official" else \
+            copy.deepcopy(self.heads).requires_grad_(False)  # the frozen offset, see the docstring
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """states (N, s, D) from the frozen encoder, mask (N, s) -> {path: (A (N, 2r, in), B (N, out, 2r))}."""
+        """states (N, s, D) from the frozen encoder, mask (N, s) -> {path: (A (N, 2r, in), B (N, out, 2r))}.
+
+        Eq. 2 for all M targets (self.targets) at once, as the module docstring draws it:
+          t   = masked_mean(wide(states), mask)                        (N, D)    the task vector
+          z   = task_proj(t)                                           (N, h)
+          e_m = layer_emb(layer_ids[m]) + kind_emb(kind_ids[m])        (M, h)    which module target m is
+          h_m = mlp([z ; e_m]), concatenated on the feature axis       (N, M, h)
+        then per weight-shape group g (self.groups[g]: its target indices, in order): (A, B) = heads(h of those
+        targets, g) and (A0, B0) = heads0(the same h, g), and target m gets the rank-2r pair [A ; A0] (rank axis)
+        and [B , -B0] · scale, so that its update is scale · (B A - B0 A0): exactly 0 while heads equal heads0 (at
+        initialisation; why a frozen copy fed the same h: see the module docstring). Hint: expand z and e to
+        (N, M, h) before concatenating. init "official" (heads0 None): the rank-r pair (A, B · scale)."""
         z = self.task_proj(masked_mean(wide(states), mask))              # (N, h)
         e = self.layer_emb(self.layer_ids) + self.kind_emb(self.kind_ids)  # (M, h)
         N, M = z.shape[0], e.shape[0]
@@ -111,8 +134,10 @@ class HyperNetwork(nn.Module):
         out = {}
         for g, idx in enumerate(self.groups):
             A, B = self.heads(h[:, idx], g)              # (N, M_g, r, in), (N, M_g, out, r)
-            A0, B0 = self.heads0(h[:, idx], g)           # same input: ΔW = 0 at init
-            A, B = torch.cat([A, A0], 2), torch.cat([B, -B0], 3) * self.scale  # rank 2r: [B, -B0]·[A; A0]
+            if self.heads0 is not None:
+                A0, B0 = self.heads0(h[:, idx], g)       # same input: ΔW = 0 at init
+                A, B = torch.cat([A, A0], 2), torch.cat([B, -B0], 3)  # rank 2r: [B, -B0]·[A; A0]
+            B = B * self.scale
             for j, i in enumerate(idx):
                 out[self.targets[i]] = (A[:, j], B[:, j])
         return out

@@ -53,10 +53,15 @@ class T5Config:
     dropout_rate: float = 0.1
     layer_norm_epsilon: float = 1e-6
     feed_forward_proj: str = "relu"  # "relu" (v1.0) or "gated-gelu" (v1.1, lm-adapt, flan)
-    tie_word_embeddings: bool = True  # v1.0 only: lm_head = shared embedding, output scaled by d_model^-0.5
+    tie_word_embeddings: bool = True  # lm_head IS the shared embedding (v1.0, and every transformers-5 T5)
+    scale_decoder_outputs: bool | None = None  # decoder output * d_model^-0.5 before lm_head (v1.0); None: = tie
     pad_token_id: int = 0
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
+
+    def __post_init__(self):
+        if self.scale_decoder_outputs is None:  # transformers 4's rule: one flag both ties and scales
+            self.scale_decoder_outputs = self.tie_word_embeddings
 
     @property
     def gated(self) -> bool:
@@ -64,15 +69,22 @@ class T5Config:
 
     @classmethod
     def from_json(cls, path) -> "T5Config":
-        """Read a Hugging Face config.json; unknown keys are ignored, missing ones take T5's defaults."""
+        """Read a Hugging Face config.json; unknown keys are ignored, missing ones take T5's defaults (so a
+        transformers-4 file, without scale_decoder_outputs, scales iff tie_word_embeddings)."""
         try:
             raw = json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
             raise ValueError(f"{path}: cannot read config JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: not a JSON object")
+        for f in fields(cls):  # a wrong type or size would fail only deep inside T5(cfg), as a traceback
+            v, want = raw.get(f.name), bool if f.default is None else type(f.default)
+            size = want is int and not f.name.endswith("_id")
+            if v is not None and not ((type(v) is bool) == (want is bool) and
+                                      isinstance(v, (int, float) if want is float else want) and (not size or v > 0)):
+                raise ValueError(f"{path}: field {f.name!r} is {v!r}; expected a{' positive' * size} {want.__name__}")
         known = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in raw.items() if k in known and v is not None})
-        if "scale_decoder_outputs" in raw:  # transformers >= 5 always writes tie_word_embeddings=true, and this
-            cfg.tie_word_embeddings = bool(raw["scale_decoder_outputs"])  # key says what v1.0 vs v1.1 means
         if raw.get("num_decoder_layers") is None:
             cfg.num_decoder_layers = cfg.num_layers
         if activation(cfg.feed_forward_proj) not in ACTIVATIONS:
@@ -80,8 +92,9 @@ class T5Config:
         return cfg
 
     def to_hf_dict(self) -> dict:
+        """config.json for T5.save_pretrained: tie_word_embeddings only for v1.0 (tied and scaled), see there."""
         return {"architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "is_encoder_decoder": True,
-                "scale_decoder_outputs": self.tie_word_embeddings, **asdict(self)}
+                **asdict(self), "tie_word_embeddings": self.tie_word_embeddings and self.scale_decoder_outputs}
 
     @classmethod
     def tiny(cls, vocab_size: int) -> "T5Config":
@@ -109,7 +122,10 @@ def wide(x: torch.Tensor) -> torch.Tensor:
 
 def lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """B (A x) for a batch: x (N, L, in), A (N|1, r, in), B (N|1, out, r) -> (N, L, out). Per-example factors
-    broadcast through batched matmul (bmm): O(N L r (in + out)) work, no (out, in) matrix per example."""
+    broadcast through batched matmul (bmm): O(N L r (in + out)) work, no (out, in) matrix per example.
+    PEFT orientation: the update ΔW = B A is (out, in), so ΔW applied to every row of x is (x Aᵀ) Bᵀ; the α/r
+    scale is already folded into B. The result has x's dtype (cast the factors to it). Hint: .mT transposes the
+    last two axes, and a factor with N = 1 broadcasts over the batch by itself."""
     return (x @ A.to(x.dtype).mT) @ B.to(x.dtype).mT  # (N, L, r) -> (N, L, out)
 
 
@@ -136,6 +152,10 @@ class RMSNorm(nn.Module):
         self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
 
     def forward(self, x):
+        """x (..., D) -> weight * x / sqrt(mean of x² over the last axis + eps): no mean subtraction, no bias.
+        The statistics are taken in at least float32 (float16 x² overflows from |x| ≈ 256; float64 stays float64,
+        see `wide`); the result is cast back to the weight's dtype when that is float16 / bfloat16 (as transformers
+        does). Hint: torch.rsqrt, and keepdim=True keeps the mean broadcastable."""
         x = x * torch.rsqrt(wide(x).pow(2).mean(-1, keepdim=True) + self.eps)
         if self.weight.dtype in (torch.float16, torch.bfloat16):
             x = x.to(self.weight.dtype)
@@ -144,7 +164,14 @@ class RMSNorm(nn.Module):
 
 def relative_position_bucket(rel: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int):
     """Map key_pos - query_pos to a bucket: exact for small distances, logarithmic up to max_distance, clamped.
-    The encoder gives half the buckets to each direction; the decoder only looks back and uses all of them."""
+    The encoder gives half the buckets to each direction; the decoder only looks back and uses all of them.
+
+    rel: long tensor of relative positions (any shape) -> long tensor of buckets in [0, num_buckets), same shape.
+    bidirectional: halve num_buckets, send keys after the query (rel > 0) to the upper half (offset by the halved
+    count) and go on with the distance n = |rel|; otherwise only the past has distinct buckets: n = max(-rel, 0).
+    With E = num_buckets // 2 (after halving): a distance n < E is its own bucket; a larger one gets
+    E + int(log(n / E) / log(max_distance / E) · (num_buckets - E)), at most num_buckets - 1 (T5, Raffel et al.
+    §2.1). Hint: compute both branches for every entry and let torch.where choose; take the log of n as float."""
     bucket = torch.zeros_like(rel)
     if bidirectional:
         num_buckets //= 2
@@ -156,6 +183,16 @@ def relative_position_bucket(rel: torch.Tensor, bidirectional: bool, num_buckets
     log_bucket = exact + (torch.log(rel.float() / exact) / math.log(max_distance / exact)
                           * (num_buckets - exact)).long()
     return bucket + torch.where(rel < exact, rel, torch.clamp(log_bucket, max=num_buckets - 1))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, dropout_p: float = 0.0):
+    """T5's attention core: softmax(q kᵀ + bias) v over the keys, with NO 1/sqrt(K) scaling (T5 folds it into the
+    initialisation of q). q (N, H, Lq, K), k and v (N, H, Lk, K), bias (N|1, H|1, Lq, Lk) = the learned position
+    bias plus the padding / causal mask (0 where a key may be seen, a large negative number where not), added to
+    the scores before the softmax -> (N, H, Lq, K), in q's dtype (cast the bias to it). dropout_p: dropout on the
+    attention weights (training only). Hint: three lines (scores, softmax over the last axis, weighted sum), or
+    torch's fused scaled_dot_product_attention told not to scale."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0, dropout_p=dropout_p)
 
 
 class Attention(nn.Module):
@@ -186,8 +223,7 @@ class Attention(nn.Module):
                 if kv is None and "k" in cache:
                     k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
                 cache["k"], cache["v"] = k, v
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0,
-                                             dropout_p=self.p if self.training else 0.0)  # (N, H, Lq, K)
+        out = attention(q, k, v, bias, self.p if self.training else 0.0)  # (N, H, Lq, K)
         return self.o(out.transpose(1, 2).flatten(2), adapters)  # (N, Lq, D)
 
     def position_bias(self, q_len: int, k_len: int, bidirectional: bool, cfg: T5Config, offset: int = 0):
@@ -260,9 +296,11 @@ class Stack(nn.Module):
         self.final_layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
         self.gradient_checkpointing = False
 
-    def forward(self, ids, mask=None, enc=None, enc_mask=None, adapters=None, cache=None, fuse=None):
+    def forward(self, ids, mask=None, enc=None, enc_mask=None, adapters=None, cache=None, fuse=None,
+                return_first=False):
         """ids (N, L) -> hidden states (N, L, D). mask (N, L) of 1/0 for the encoder; the decoder is causal and
-        attends to enc (N, S, D) under enc_mask (N, S). cache: per-layer dicts for incremental decoding."""
+        attends to enc (N, S, D) under enc_mask (N, S). cache: per-layer dicts for incremental decoding.
+        return_first: also return block 0's output (N, L, D) (Hugging Face's hidden_states[1] given 2+ blocks)."""
         x = F.dropout(self.embed_tokens(ids), self.cfg.dropout_rate, self.training)
         L, past = ids.shape[1], (cache[0]["self"]["k"].shape[2] if cache and "k" in cache[0]["self"] else 0)
         attn0 = self.block[0].layer[0].SelfAttention
@@ -284,7 +322,9 @@ class Stack(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(blk, *args, use_reentrant=False)
             else:
                 x = blk(*args)
-        return F.dropout(self.final_layer_norm(x), self.cfg.dropout_rate, self.training)
+            first = x if i == 0 else first
+        out = F.dropout(self.final_layer_norm(x), self.cfg.dropout_rate, self.training)
+        return (out, first) if return_first else out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -350,14 +390,14 @@ class T5(nn.Module):
         """Every module path an adapter may target -> its Linear."""
         return {m.path: m for m in self.modules() if isinstance(m, Linear)}
 
-    def encode(self, input_ids, attention_mask=None, adapters=None, fuse=None):
-        """(N, S) -> (N, S, D)."""
+    def encode(self, input_ids, attention_mask=None, adapters=None, fuse=None, return_first=False):
+        """(N, S) -> (N, S, D) [, block 0's output (N, S, D) with return_first]."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        return self.encoder(input_ids, attention_mask, adapters=adapters, fuse=fuse)
+        return self.encoder(input_ids, attention_mask, adapters=adapters, fuse=fuse, return_first=return_first)
 
     def logits(self, hidden):
-        if self.config.tie_word_embeddings:
+        if self.config.scale_decoder_outputs:
             hidden = hidden * self.config.d_model ** -0.5
         return self.lm_head(hidden)  # (N, T, V)
 
@@ -386,7 +426,14 @@ class T5(nn.Module):
     def generate(self, input_ids=None, attention_mask=None, max_new_tokens=128, adapters=None,
                  encoder_hidden_states=None):
         """Greedy decoding with a KV cache. Returns (N, <= max_new_tokens) ids without the start token; a sequence
-        that has produced eos is padded with 0 afterwards; stops when every sequence has ended."""
+        that has produced eos is padded with 0 afterwards; stops when every sequence has ended.
+
+        Encode once (or take encoder_hidden_states; attention_mask, all ones by default, is then their mask). The
+        cache is one {"self": {}, "cross": {}} per decoder block, which self.decode fills: after the first step feed
+        only the newest token, self.decode(tok (N, 1), enc, attention_mask, adapters, cache) -> logits (N, 1, V).
+        Start from config.decoder_start_token_id; each step takes the argmax of the last position; a sequence that is
+        done gets config.pad_token_id instead, and is done once it has emitted config.eos_token_id. Long ids on enc's
+        device; max_new_tokens = 0 gives an empty (N, 0) tensor."""
         enc = encoder_hidden_states if encoder_hidden_states is not None else \
             self.encode(input_ids, attention_mask, adapters)
         N, dev = enc.shape[0], enc.device
@@ -444,10 +491,12 @@ class T5(nn.Module):
         gated = any(".wi_0." in k for k in sd)  # trust the weights over config.json
         if gated != cfg.gated:
             cfg.feed_forward_proj = "gated-gelu" if gated else "relu"
-        if cfg.tie_word_embeddings and "lm_head.weight" in sd:
-            if not torch.equal(sd.pop("lm_head.weight"), sd.get("shared.weight")):
-                raise ValueError(f"{src}: config says tie_word_embeddings but 'lm_head.weight' differs from "
-                                 "'shared.weight'; set tie_word_embeddings to false in config.json")
+        # The weights say whether the head is tied (transformers 5 writes tie_word_embeddings=true always): no
+        # lm_head.weight, or a copy of shared, is tied; a different one is used as is, as transformers 5 does.
+        head = sd.get("lm_head.weight")
+        cfg.tie_word_embeddings = head is None or ("shared.weight" in sd and torch.equal(head, sd["shared.weight"]))
+        if cfg.tie_word_embeddings:
+            sd.pop("lm_head.weight", None)
         with torch.device("meta"):
             model = cls(cfg)
         expected = {k: v.shape for k, v in model.state_dict().items() if k not in
@@ -469,12 +518,17 @@ class T5(nn.Module):
         return model
 
     def save_pretrained(self, path):
-        """Write config.json + model.safetensors in the layout transformers reads as is."""
+        """Write config.json + model.safetensors that transformers 4 and 5 read back to our logits. transformers 4
+        ties and scales iff tie_word_embeddings; 5 scales iff scale_decoder_outputs and uses a stored lm_head.weight
+        that differs from shared. So lm_head.weight is left out only for v1.0 (tied + scaled); a tied unscaled head
+        (transformers 5's v1.1) is stored as a copy with tie_word_embeddings=false: exact for both, and read back
+        tied. An untied scaled head is exact for us and transformers 5; transformers 4 would read it unscaled."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        v10 = self.config.tie_word_embeddings and self.config.scale_decoder_outputs
         sd = {k: v for k, v in self.state_dict().items()
               if k not in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
-              and not (self.config.tie_word_embeddings and k == "lm_head.weight")}
+              and not (v10 and k == "lm_head.weight")}
         save_safetensors(sd, path / "model.safetensors", metadata={"format": "pt"})
         atomic_write_text(path / "config.json", json.dumps(self.config.to_hf_dict(), indent=2) + "\n")
 

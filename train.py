@@ -8,16 +8,22 @@
 Stages (each writes <out>/<stage>/ and can be resumed with --resume):
     base      the suite only: a tiny T5 trained from scratch (span corruption + prefix LM on suite text), standing
               in for T5-LM-adapt. Real runs pass --model instead.
+    tk        the Tk-Instruct analog (paper §4.2): every weight of the base finetuned on full Tk-Instruct prompts.
+              It is the logit teacher of L_kl, the base of the teacher LoRAs, and a baseline row. Real runs may
+              pass a downloaded Tk-Instruct folder as --tk_model instead.
     teachers  "Training with Instance": one LoRA per training task (--group task) or category, all in one bank,
               on the frozen base with the full Tk-Instruct prompt. --group all trains one shared LoRA: the
               instruction-concatenation baseline; with --teacher_input instance, the no-instruction baseline.
     pretrain  hypernetwork pretraining on plain text cut as a | b | c: a is the "instruction", b the input, c
               the target; cross-entropy only.
     finetune  TAGI on the tasks with L_ce + λ1·L_kl + λ2·L_ins, starting from the pretrained hypernetwork.
+    ablations the paper's Table 4: one finetune variant each (evaluate.ABLATIONS) in <out>/finetune-<name>, then
+              the table with them (`all` and `ablations` end in evaluate.compare).
 
 Every stage: AdamW, linear warmup then cosine decay, gradient accumulation, bf16 autocast on CUDA, gradient
 clipping, a tqdm bar, one JSON line per logged step (<stage>/log.jsonl), checkpoints in safetensors + JSON
 written atomically, exact resume (same batches, same RNG), a stop with the last good checkpoint kept on NaN/inf.
+Bad input (a flag, or a file it names) stops the run before any work with one line `error: ...`, exit status 2.
 """
 from __future__ import annotations
 
@@ -29,9 +35,10 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -40,66 +47,107 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import data
-from hypernet import LoRABank, target_paths
-from model import T5, T5Config, atomic_write_text, load_safetensors, save_safetensors, token_nll
-from tagi import TAGI, TAGIConfig, ce_loss
+from hypernet import FFN, LoRABank, target_paths
+from model import T5, T5Config, atomic_write_text, load_safetensors, read_safetensors_header, save_safetensors, \
+    token_nll
+from tagi import TAGI, TAGIConfig, ce_loss, load_bank, read_stage_info, teacher_group
 
 HERE = Path(__file__).resolve().parent
 SUITE_BASE = HERE / "assets" / "suite-base"  # committed output of `python train.py --stage base` (see README)
 
 
+def arg(default, valid: str):
+    """A Config field and the values its flag accepts, declared together: choices "a|b|c", or a range ">= 1",
+    "> 0", "[0, 1)". parse_args checks every flag against it before any work; a default left out of its range
+    (0, -1, "") means "decided later" (see resolve and stage_defaults)."""
+    return field(default=default, metadata={"valid": valid})
+
+
 @dataclass
 class Config:
-    stage: str = "all"              # base | teachers | pretrain | finetune | all (pipeline + evaluation)
-    data: str = "suite"             # suite | sni | p3
-    data_dir: str = ""              # SNI clone / P3 folder (the suite is generated under <out>/suite)
-    model: str = ""                 # Hugging Face T5 directory (suite: <out>/base, or the committed one)
-    tokenizer: str = ""             # spiece.model (default: <model>/spiece.model)
-    text: str = ""                  # pretraining text: C4 *.json(.gz) shards / *.txt files (default: task text)
-    out: str = "runs/default"       # run folder: one subfolder per stage, results/ after evaluation
-    group: str = ""                 # teachers: task | category | all ("": category for the suite, else task)
-    teacher_input: str = "prompt"   # teachers: prompt (full Tk-Instruct prompt) | instance (no instruction)
-    num_pos: int = -1               # positive examples per prompt/instruction: 0 "Def", 2 "Def+2Pos" (-1: suite 0, else 2)
-    max_instances: int = 100        # per training task (SNI: 100)
-    fusion: str = "concat"          # concat | encoder | none
-    rank: int = 0                   # LoRA rank (0: 32 for real models, 8 for the suite)
-    alpha: float = 0.0              # LoRA alpha (0: = rank)
-    modules: str = ""               # adapted Linears (default "q,v"; the suite adapts every Linear)
-    hidden: int = 256               # hypernetwork width
-    ce_weight: float = 1.0          # Eq. 6 weight of L_ce (0 switches the term off)
-    kl_weight: float = 1.0          # λ1, weight of L_kl (distillation from the teachers' logits)
-    ins_weight: float = 0.0         # λ2, weight of L_ins (distance to the teachers' LoRA)
-    temperature: float = 2.0        # T of L_kl
-    ins_mode: str = "delta"         # L_ins: delta (||ΔW - ΔW_teacher||_F^2) | params (factor MSE)
-    no_pretrain: bool = False       # finetune from a fresh hypernetwork (ablation)
-    steps: int = 0                  # optimizer steps (0: the stage's default, see DEFAULTS)
-    lr: float = 0.0                 # peak learning rate (0: the stage's default)
-    batch_size: int = 0             # per micro-step, all ranks together (0: stage default); a step = x grad_accum
-    grad_accum: int = 1             # micro-steps per optimizer step
-    warmup: float = 0.02            # fraction of steps
-    weight_decay: float = 0.0       # AdamW weight decay
-    clip: float = 1.0               # gradient-norm clipping (0: off)
-    max_source_len: int = 1024      # tokens of a prompt / instance (the suite: 256)
-    max_target_len: int = 128       # tokens of a target, and of generation (the suite: 32)
-    max_instruction_len: int = 1024 # tokens of the instruction the hypernetwork reads (the suite: 256)
-    bf16: bool = True               # autocast on CUDA
-    grad_checkpointing: bool = False  # recompute T5 blocks in backward: less memory
-    compile: bool = False           # torch.compile the training objective
-    seed: int = 0                   # initialisation and batch order
-    device: str = "auto"            # auto (cuda if present) | cpu | cuda
-    log_every: int = 25             # steps between log lines (<stage>/log.jsonl)
-    save_every: int = 500           # steps between checkpoints
-    resume: bool = False            # continue the stage from its latest checkpoint
-    quick: bool = False             # a short pipeline (CI): fewer steps and instances
-    eval_instances: int = 100       # evaluation: first N instances of each test task
+    stage: str = arg("all", "all|base|tk|teachers|pretrain|finetune|ablations")  # all: the pipeline + evaluation
+    recipe: str = arg("", "|official|paper")      # a preset of the switches below (README "Differences"); '': ours
+    data: str = arg("suite", "suite|sni|p3")      # the built-in suite, or --data_dir's SNI / P3
+    data_dir: str = ""                            # SNI clone / P3 folder (the suite is generated under <out>/suite)
+    model: str = ""                               # Hugging Face T5 folder (suite: <out>/base, or the committed one)
+    tk_model: str = ""                            # Tk-Instruct, a Hugging Face T5 folder (default: <out>/tk)
+    tokenizer: str = ""                           # spiece.model (default: <model>/spiece.model)
+    text: str = ""                                # pretraining text: C4 *.json(.gz) / *.txt files (default: task text)
+    out: str = "runs/default"                     # run folder: one subfolder per stage, results/ after evaluation
+    group: str = arg("", "|task|category|all")    # teachers: a LoRA per task / category / one for all ('': auto)
+    teacher_input: str = arg("prompt", "prompt|instance")  # teachers: full Tk-Instruct prompt | instance only
+    teacher_base: str = arg("tk", "tk|base")      # teachers per task/category sit on: tk (the paper, §3.2.2) | base
+    kl_teacher: str = arg("tk", "tk|lora")        # L_kl's teacher: Tk-Instruct (§4.2) | each task's LoRA
+    num_pos: int = arg(-1, ">= 0")                # positive examples: 0 "Def", 2 "Def+2Pos" (-1: suite 0, else 2)
+    max_instances: int = arg(100, ">= 1")         # per training task (SNI: 100)
+    fusion: str = arg("concat", "concat|encoder|none")  # Eq. 1: concat (official code) | encoder (paper) | none
+    rank: int = arg(0, ">= 1")                    # LoRA rank (0: 32 for real models, 8 for the suite)
+    alpha: float = arg(0.0, "> 0")                # LoRA alpha (0: = rank)
+    modules: str = ""                             # adapted Linears (default "q,v"; the suite adapts every Linear)
+    hidden: int = arg(256, ">= 1")                # hypernetwork width
+    pooling: str = arg("mean", "mean|first_last")  # task vector: mean of I_x (padding out) | first_last (official)
+    init: str = arg("offset", "offset|official")  # heads: offset (ΔW = 0, rank 2r) | official (N(0, 1e-7), rank r)
+    ce_weight: float = arg(1.0, ">= 0")           # Eq. 6 weight of L_ce (0 switches the term off)
+    kl_weight: float = arg(1.0, ">= 0")           # λ1, weight of L_kl (distillation from the teachers' logits)
+    ins_weight: float = arg(0.0, ">= 0")          # λ2, weight of L_ins (distance to the teachers' LoRA)
+    temperature: float = arg(2.0, "> 0")          # T of L_kl
+    kl_t_squared: bool = True                     # L_kl x T² (ours); the paper and official code: --no-kl_t_squared
+    kl_positions: str = arg("tokens", "tokens|all")  # L_kl averaged over real target tokens | all positions (official)
+    ins_mode: str = arg("delta", "delta|params|official")  # L_ins: delta ||ΔW-ΔW_t||² | factor MSEs (--init official)
+    no_pretrain: bool = False                     # finetune from a fresh hypernetwork (ablation)
+    steps: int = arg(0, ">= 1")                   # optimizer steps (0: the stage's default, see DEFAULTS)
+    lr: float = arg(0.0, "> 0")                   # peak learning rate (0: the stage's default)
+    batch_size: int = arg(0, ">= 1")              # per micro-step, all ranks (0: stage default); x grad_accum
+    grad_accum: int = arg(1, ">= 1")              # micro-steps per optimizer step
+    warmup: float = arg(0.02, "[0, 1)")           # fraction of steps
+    schedule: str = arg("cosine", "cosine|constant")  # after the linear warmup: cosine to lr/10 | constant (official)
+    optimizer: str = arg("adamw", "adamw|adafactor")  # adafactor: the paper's pretraining (Table 8)
+    sampling: str = arg("first", "first|random")  # SNI: the first max_instances and first reference | random (official)
+    student_input: str = arg("instance", "instance|prompt")  # student encoder: instance | prompt (Def: official)
+    reader: str = arg("base", "base|tk")          # the encoder reading the instruction: base (paper) | tk (official)
+    weight_decay: float = arg(0.0, ">= 0")        # AdamW weight decay
+    clip: float = arg(1.0, ">= 0")                # gradient-norm clipping (0: off)
+    max_source_len: int = arg(1024, ">= 1")       # tokens of a prompt / instance (the suite: 256)
+    max_target_len: int = arg(128, ">= 1")        # tokens of a target, and of generation (the suite: 32)
+    max_instruction_len: int = arg(1024, ">= 1")  # tokens of the instruction the hypernetwork reads (the suite: 256)
+    bf16: bool = True                             # autocast on CUDA
+    grad_checkpointing: bool = False              # recompute T5 blocks in backward: less memory
+    compile: bool = False                         # torch.compile the training objective
+    seed: int = 0                                 # initialisation and batch order
+    device: str = arg("auto", "auto|cpu|cuda")    # auto: cuda if present
+    log_every: int = arg(25, ">= 1")              # steps between log lines (<stage>/log.jsonl)
+    save_every: int = arg(500, ">= 1")            # steps between checkpoints
+    resume: bool = False                          # continue the stage from its latest checkpoint
+    quick: bool = False                           # a short pipeline (CI): fewer steps and instances
+    eval_instances: int = arg(100, ">= 1")        # evaluation: first N instances of each test task
 
+
+# --recipe: the switches that make a run follow the official code or the paper's text (README "Differences").
+# Steps, learning rates and batch sizes stay the data's (DEFAULTS), and flags given on the command line win.
+RECIPES = {
+    "official": dict(  # Xnhyacinth/TAGI, src/ at 8702b4e (scripts/train_tk_instruct.sh defaults)
+        kl_teacher="tk", teacher_base="tk",                     # Tk-Instruct: logit teacher, base of the LoRAs
+        ce_weight=0.6, kl_weight=0.4, temperature=3.0,          # 0.6·CE + 0.4·KL at T = 3 ...
+        kl_t_squared=False, kl_positions="all",                 # ... without T², mean over all positions
+        ins_weight=1.0, ins_mode="official",                    # σ(L)·L, L = 1000·[MSE(A, B_t) + MSE(B, A_t)]
+        init="official", pooling="first_last", hidden=8,        # N(0, 1e-7) heads; first_last_avg; width 8
+        rank=16, alpha=4.0, modules="q,v",                      # r = 16, B / sqrt(r) (α = sqrt(16)), q and v
+        no_pretrain=True, schedule="constant", warmup=0.03,     # no pretraining; warmup then constant lr
+        sampling="random", student_input="prompt", reader="tk"),  # random instances / reference; custom_model;
+                                                                # the teacher's encoder reads the instruction
+    "paper": dict(  # the NeurIPS 2024 text (§3-4, Table 8); where it is silent, ours (README)
+        kl_teacher="tk", teacher_base="tk",                     # §4.2 Tk-Instruct; §3.2.2 LoRAs on it
+        temperature=1.0, kl_t_squared=False,                    # Eq. 5: KL of the plain softmaxes
+        ins_weight=1e-4, ins_mode="delta",                      # Eq. 4 on (λ2 not given: MSE per weight, d = 128)
+        fusion="encoder", rank=32, alpha=32.0, modules="q,v"),  # Eq. 1; rank 32 on q, v of every attention
+}
 
 # (steps, lr, batch) per stage. Paper (T5-LM-base, SNI): pretrain 50k steps lr 1e-3 batch 8; finetune 20k, 1e-4, 16.
 DEFAULTS = {
-    "suite": {"base": (8000, 2e-3, 64), "teachers": (300, 3e-3, 32), "pretrain": (200, 1e-3, 32),
-              "finetune": (600, 1e-3, 32)},
-    "real": {"base": (0, 0, 0), "teachers": (2000, 1e-4 * 10, 16), "pretrain": (50000, 1e-3, 8),
-             "finetune": (20000, 1e-4, 16)},
+    "suite": {"base": (8000, 2e-3, 64), "tk": (600, 1e-3, 32), "teachers": (300, 3e-3, 32),
+              "pretrain": (200, 1e-3, 32), "finetune": (600, 1e-3, 32)},
+    "real": {"base": (0, 0, 0), "tk": (10000, 5e-5, 16), "teachers": (2000, 1e-4 * 10, 16),
+             "pretrain": (50000, 1e-3, 8), "finetune": (20000, 1e-4, 16)},
 }
 
 
@@ -110,8 +158,7 @@ DEFAULTS = {
 def setup_distributed(device: str):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = data.pick_device(device).type
     if device == "cuda" and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch.cuda.set_device(device)
@@ -158,7 +205,8 @@ class Objective(nn.Module):
     frozen: tuple = ()  # state-dict prefixes of inputs the stage does not train (not saved in its checkpoints)
 
     def count(self, batch):
-        return {"tokens": (batch["labels"] != -100).sum(), "examples": torch.tensor(len(batch["labels"]))}
+        return {"tokens": (batch["labels"] != -100).sum(), "examples": torch.tensor(len(batch["labels"])),
+                "positions": torch.tensor(batch["labels"].numel())}
 
     def trained_state(self):
         return {k: v for k, v in self.state_dict().items() if not k.startswith(self.frozen)}
@@ -178,14 +226,15 @@ class Objective(nn.Module):
 
 
 class BaseObjective(Objective):
-    """The base stage: plain T5 cross-entropy, every weight trained."""
+    """The base and tk stages: plain T5 cross-entropy, every weight trained (tk: on the full prompt)."""
 
-    def __init__(self, t5: T5):
+    def __init__(self, t5: T5, source: str = "input"):
         super().__init__()
-        self.t5 = t5
+        self.t5, self.ids, self.mask = t5, *{"input": ("input_ids", "attention_mask"),
+                                            "prompt": ("prompt_ids", "prompt_mask")}[source]
 
     def forward(self, batch, norm):
-        logits = self.t5(batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).logits
+        logits = self.t5(batch[self.ids], batch[self.mask], labels=batch["labels"]).logits
         return {"loss": ce_loss(logits, batch["labels"], norm["tokens"])}
 
 
@@ -215,29 +264,47 @@ class TeacherObjective(Objective):
 
 
 class TAGIObjective(Objective):
-    frozen = ("tagi.t5.", "teachers.")
+    """Pretrain and finetune: TAGI's loss (Eq. 6). teachers: the bank for L_ins (and for L_kl when kl_t5 is
+    None); kl_t5: L_kl's teacher model on the full prompt (the Tk-Instruct analog); kl_lora: whether it adds each
+    task's LoRA from the bank (the bank was trained on kl_t5)."""
+    frozen = ("tagi.t5.", "teachers.", "kl_t5.")
 
-    def __init__(self, tagi: TAGI, teachers: LoRABank | None, key_of_task: torch.Tensor | None):
+    def __init__(self, tagi: TAGI, teachers: LoRABank | None, key_of_task: torch.Tensor | None,
+                 kl_t5: T5 | None = None, kl_lora: bool = False):
         super().__init__()
-        self.tagi, self.teachers = tagi, teachers
+        self.tagi, self.teachers, self.kl_t5, self.kl_lora = tagi, teachers, kl_t5, kl_lora
         if teachers is not None:
             teachers.requires_grad_(False)
             self.register_buffer("key_of_task", key_of_task, persistent=False)
+        if kl_t5 is not None:
+            kl_t5.requires_grad_(False).eval()
+
+    def kl_teacher(self, batch):
+        ad = self.teachers(self.key_of_task[batch["task_idx"]]) if self.kl_lora else None
+        return self.kl_t5(batch["prompt_ids"], batch["prompt_mask"], labels=batch["labels"], adapters=ad).logits
 
     def forward(self, batch, norm):
         return self.tagi.loss(batch, self.teachers, getattr(self, "key_of_task", None), norm["tokens"],
-                              norm["examples"])
+                              norm["examples"], self.kl_teacher if self.kl_t5 is not None else None,
+                              norm["positions"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The training loop (shared by every stage)
 
 
-def get_lr(step: int, steps: int, lr: float, warmup: float) -> float:
-    """Linear warmup over the first `warmup` fraction of steps, then cosine decay to lr/10."""
+def get_lr(step: int, steps: int, lr: float, warmup: float, schedule: str = "cosine") -> float:
+    """Linear warmup over the first `warmup` fraction of steps, then cosine decay to lr/10.
+    w = max(1, int(warmup · steps)) warmup steps: step k < w gets lr · (k + 1) / w, so step w - 1 is at the peak
+    lr. From k = w on, half a period of a cosine over the remaining steps - w (at least 1) brings it from lr at
+    k = w down to lr / 10 at k = steps. The paper warms up over 2% of the steps (train.py's default).
+    schedule="constant" stays at lr after the warmup (the official code's DeepSpeed WarmupLR, whose warmup is
+    log-shaped; here it is linear)."""
     w = max(1, int(warmup * steps))
     if step < w:
         return lr * (step + 1) / w
+    if schedule == "constant":
+        return lr
     return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - w) / max(1, steps - w))))
 
 
@@ -285,7 +352,8 @@ def fit(cfg: Config, stage: str, stage_dir: Path, objective, batcher, device) ->
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     steps, lr = cfg.steps, cfg.lr
     params = [p for p in objective.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    opt = torch.optim.Adafactor(params, lr=lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adafactor" \
+        else torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     start = 0
     if cfg.resume and (stage_dir / "latest").exists():
         start = load_checkpoint(stage_dir, objective, opt, stage)
@@ -304,7 +372,7 @@ def fit(cfg: Config, stage: str, stage_dir: Path, objective, batcher, device) ->
     try:
         for step in bar:
             for g in opt.param_groups:
-                g["lr"] = get_lr(step, steps, lr, cfg.warmup)
+                g["lr"] = get_lr(step, steps, lr, cfg.warmup, cfg.schedule)
             micro = [{k: v.to(device) for k, v in batcher.batch(step * cfg.grad_accum + k, rank, world).items()}
                      for k in range(cfg.grad_accum)]
             counts = [objective.count(b) for b in micro]  # normalisers over the whole global batch, all ranks
@@ -357,7 +425,7 @@ def fit(cfg: Config, stage: str, stage_dir: Path, objective, batcher, device) ->
 
 def stage_dirs(cfg: Config) -> dict[str, Path]:
     out = Path(cfg.out)
-    return {"suite": Path(cfg.data_dir) if cfg.data_dir else out / "suite", "base": out / "base",
+    return {"suite": Path(cfg.data_dir) if cfg.data_dir else out / "suite", "base": out / "base", "tk": out / "tk",
             "pretrain": out / "pretrain", "finetune": out / "finetune"}
 
 
@@ -367,11 +435,7 @@ def teachers_dir(cfg: Config, group=None, teacher_input=None) -> Path:
 
 
 def resolve(cfg: Config) -> Config:
-    """Fill the defaults that depend on other settings (data kind, stage); validate names."""
-    for name, allowed in (("stage", ("all", "base", "teachers", "pretrain", "finetune")), ("data", ("suite", "sni", "p3")),
-                          ("group", ("", "task", "category", "all")), ("teacher_input", ("prompt", "instance"))):
-        if getattr(cfg, name) not in allowed:
-            raise SystemExit(f"--{name} must be one of {allowed}, not {getattr(cfg, name)!r}")
+    """Fill the defaults that depend on other settings (data kind, stage)."""
     suite = cfg.data == "suite"
     cfg.group = cfg.group or ("category" if suite else "task")
     cfg.num_pos = cfg.num_pos if cfg.num_pos >= 0 else 0 if suite else 2
@@ -380,7 +444,7 @@ def resolve(cfg: Config) -> Config:
         if (cfg.max_source_len, cfg.max_target_len, cfg.max_instruction_len) == (1024, 128, 1024):
             cfg.max_source_len, cfg.max_target_len, cfg.max_instruction_len = 256, 32, 256
     elif not cfg.data_dir:
-        raise SystemExit(f"--data {cfg.data} needs --data_dir (a local SNI clone or P3 folder)")
+        raise SystemExit(f"--data_dir: required with --data {cfg.data} (a local SNI clone or P3 folder)")
     cfg.rank = cfg.rank or (8 if suite else 32)
     cfg.alpha = cfg.alpha or float(cfg.rank)
     cfg.modules = cfg.modules or ("q,k,v,o,wi_0,wi_1,wo" if suite else "q,v")
@@ -391,9 +455,52 @@ def stage_defaults(cfg: Config, stage: str) -> Config:
     steps, lr, bs = DEFAULTS["suite" if cfg.data == "suite" else "real"][stage]
     c = Config(**asdict(cfg))
     c.steps, c.lr, c.batch_size = cfg.steps or steps, cfg.lr or lr, cfg.batch_size or bs
+    if cfg.recipe == "paper" and stage == "pretrain":  # Table 8: Adafactor in float32
+        c.optimizer, c.bf16 = "adafactor", False
     if cfg.quick:  # a smoke run of the whole pipeline (CI): a tenth of the steps, small batches
         c.steps, c.batch_size = max(10, c.steps // 10), cfg.batch_size or min(bs, 16)
     return c
+
+
+def check_inputs(cfg: Config):
+    """What can be checked before any work starts, beyond each flag alone (parse_args): flags that go together, and
+    the files they name, cheaply (config.json and safetensors headers, not the weights)."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--out {out}: is a file; pass a folder for the run")
+    if cfg.stage == "base" and cfg.data != "suite":
+        raise SystemExit("--stage base exists only for the built-in suite; real runs pass --model DIR")
+    if cfg.data != "suite":
+        for part in ("train", "test") if cfg.stage in ("all", "ablations") else ("train",):
+            f = Path(cfg.data_dir) / (f"splits/default/{part}_tasks.txt" if cfg.data == "sni" else part)
+            if not f.exists():
+                raise SystemExit(f"--data_dir {cfg.data_dir}: no {f} there; pass a local "
+                                 f"{'SNI clone' if cfg.data == 'sni' else 'P3 folder (train/, test/)'}")
+    for flag in ("model", "tk_model"):
+        if getattr(cfg, flag):
+            check_model_dir(Path(getattr(cfg, flag)))
+    if cfg.tokenizer and not Path(cfg.tokenizer).is_file():
+        raise SystemExit(f"--tokenizer: no tokenizer at {cfg.tokenizer}; pass a SentencePiece spiece.model")
+    for path in filter(None, cfg.text.split(",")):
+        if not Path(path).exists():
+            raise SystemExit(f"--text {path}: no such file or folder")
+    unknown = sorted(set(cfg.modules.split(",")) - {"q", "k", "v", "o", *FFN})
+    if unknown:
+        raise SystemExit(f"--modules: unknown {unknown}; choose from q,k,v,o (attention) and {','.join(FFN)} (FFN)")
+    if cfg.resume:
+        d = teachers_dir(cfg) if cfg.stage == "teachers" else stage_dirs(cfg).get(cfg.stage)
+        if not ((d / "latest").exists() if d else any(out.glob("*/latest"))):
+            raise SystemExit(f"--resume: {d or out} holds no checkpoint to continue; leave --resume out to start")
+
+
+def check_model_dir(mdir: Path):
+    """A Hugging Face T5 folder, checked cheaply: its config.json reads and every weight file's header is sound."""
+    if not (mdir / "config.json").is_file():
+        raise SystemExit(f"{mdir / 'config.json'}: not found: no base model at {mdir}; pass --model DIR (a Hugging "
+                         "Face T5 folder) or run --stage base")
+    T5Config.from_json(mdir / "config.json")
+    for f in sorted(mdir.glob("*.safetensors")):
+        read_safetensors_header(f)
 
 
 def base_model_dir(cfg: Config) -> Path:
@@ -405,62 +512,49 @@ def base_model_dir(cfg: Config) -> Path:
     return SUITE_BASE
 
 
-def load_base(cfg: Config, device) -> tuple[T5, data.Tokenizer, Path]:
-    mdir = base_model_dir(cfg)
-    if not (mdir / "config.json").exists():
-        raise SystemExit(f"no base model at {mdir}: pass --model DIR (a Hugging Face T5 folder) or run --stage base")
+def load_base(cfg: Config, device, mdir: Path | None = None) -> tuple[T5, data.Tokenizer, Path]:
+    """The frozen base T5 (or the model in `mdir`, e.g. the tk stage's) and its tokenizer, checked together."""
+    mdir = mdir or base_model_dir(cfg)
+    check_model_dir(mdir)
     tok_path = Path(cfg.tokenizer) if cfg.tokenizer else mdir / "spiece.model"
     if not tok_path.exists():
-        raise SystemExit(f"no tokenizer at {tok_path}: pass --tokenizer PATH/spiece.model")
+        raise SystemExit(f"--tokenizer: no tokenizer at {tok_path}; pass --tokenizer PATH/spiece.model")
     tok = data.Tokenizer(tok_path)
     t5 = T5.from_pretrained(mdir).to(device).eval()
     t5.encoder.gradient_checkpointing = t5.decoder.gradient_checkpointing = cfg.grad_checkpointing
     if tok.vocab_size > t5.config.vocab_size:
-        raise SystemExit(f"tokenizer {tok_path} has {tok.vocab_size} ids but the model {mdir} only "
+        raise SystemExit(f"--tokenizer {tok_path}: has {tok.vocab_size} ids but the model {mdir} only "
                          f"{t5.config.vocab_size} embeddings: they do not belong together")
     suite_tok = Path(cfg.data_dir) / "spiece.model"
     if cfg.data == "suite" and suite_tok.read_bytes() != tok_path.read_bytes():
-        raise SystemExit(f"the suite's tokenizer {suite_tok} differs from the model's {tok_path}: the base model "
-                         "was trained for another suite")
+        raise SystemExit(f"{tok_path}: differs from the suite's tokenizer {suite_tok}: the base model was trained "
+                         "for another suite")
     return t5, tok, mdir
 
 
-def task_examples(cfg: Config, part: str):
+def task_examples(cfg: Config, part: str = "train"):
     if cfg.data == "p3":
-        return data.p3_examples(data.load_p3(Path(cfg.data_dir) / part))
-    n = cfg.max_instances if part == "train" else cfg.eval_instances
-    if cfg.quick:
-        n = min(n, 20)
-    tasks = data.load_sni(cfg.data_dir, part=part, max_instances=n)
+        return data.p3_examples(data.load_p3(Path(cfg.data_dir) / part, cfg.max_instances))
+    n = min(cfg.max_instances, 20) if cfg.quick else cfg.max_instances
+    tasks = data.load_sni(cfg.data_dir, part=part, max_instances=n,
+                          sample_seed=cfg.seed if cfg.sampling == "random" else None)
     return data.sni_examples(tasks, num_pos=cfg.num_pos)
 
 
 def batcher(cfg: Config, examples, tok, **kw):
     return data.Batcher(examples, tok, cfg.batch_size, seed=cfg.seed, max_source_len=cfg.max_source_len,
-                        max_target_len=cfg.max_target_len, max_instruction_len=cfg.max_instruction_len, **kw)
+                        max_target_len=cfg.max_target_len, max_instruction_len=cfg.max_instruction_len,
+                        random_reference=cfg.sampling == "random", **kw)
 
 
 def write_stage_info(d: Path, **info):
     atomic_write_text(d / "stage.json", json.dumps(info, indent=2) + "\n")
 
 
-def read_stage_info(d: Path, stage: str) -> dict:
-    f = d / "stage.json"
-    if not f.exists():
-        raise SystemExit(f"{d} holds no finished {stage} stage (no stage.json)")
-    info = json.loads(f.read_text())
-    if info.get("stage") != stage:
-        raise SystemExit(f"{f}: field 'stage' is {info.get('stage')!r}, expected {stage!r}")
-    return info
-
-
 def run_base(cfg: Config, device):
     """Suite only: train a tiny T5 from scratch on the training tasks' text (held-out tasks never seen) with
     generic denoising objectives (see TextBatcher), standing in for T5-LM-adapt."""
-    if cfg.data != "suite":
-        raise SystemExit("--stage base exists only for the built-in suite; real runs pass --model DIR")
     d = stage_dirs(cfg)["base"]
-    d.mkdir(parents=True, exist_ok=True)
     tok = data.Tokenizer(Path(cfg.data_dir) / "spiece.model")
     torch.manual_seed(cfg.seed)
     t5 = T5(T5Config.tiny(tok.vocab_size)).to(device)
@@ -469,6 +563,7 @@ def run_base(cfg: Config, device):
     docs = [t["Definition"][0] for t in tasks] + [x["input"] + " " + x["output"][0] for t in tasks
                                                   for x in t["Instances"]]
     b = TextBatcher([tok.encode(s, add_eos=False) for s in docs], cfg.batch_size, tok.vocab_size, cfg.seed)
+    d.mkdir(parents=True, exist_ok=True)
     fit(cfg, "base", d, BaseObjective(t5), b, device)
     if int(os.environ.get("RANK", "0")) == 0:
         t5.save_pretrained(d)
@@ -509,10 +604,32 @@ class TextBatcher:
         return out
 
 
+def tk_model_dir(cfg: Config) -> Path:
+    return Path(cfg.tk_model) if cfg.tk_model else stage_dirs(cfg)["tk"]
+
+
+def on_tk(cfg: Config) -> bool:
+    """Whether this teachers run sits on the tk model (per task/category, as the paper) or on the base."""
+    return cfg.group != "all" and cfg.teacher_base == "tk"
+
+
+def run_tk(cfg: Config, device):
+    """Tk-Instruct, in miniature: every base weight finetuned on the training tasks' full prompts."""
+    d = stage_dirs(cfg)["tk"]
+    t5, tok, mdir = load_base(cfg, device)
+    t5.requires_grad_(True)
+    b = batcher(cfg, task_examples(cfg, "train"), tok)
+    d.mkdir(parents=True, exist_ok=True)
+    fit(cfg, "tk", d, BaseObjective(t5, "prompt"), b, device)
+    if int(os.environ.get("RANK", "0")) == 0:
+        t5.save_pretrained(d)
+        shutil.copy(tok.path, d / "spiece.model")
+        write_stage_info(d, stage="tk", base_model=str(mdir), config=asdict(cfg))
+
+
 def run_teachers(cfg: Config, device):
     d = teachers_dir(cfg)
-    d.mkdir(parents=True, exist_ok=True)
-    t5, tok, mdir = load_base(cfg, device)
+    t5, tok, mdir = load_base(cfg, device, tk_model_dir(cfg) if on_tk(cfg) else None)
     examples = task_examples(cfg, "train")
     b = batcher(cfg, examples, tok)
     keys = {"task": b.tasks, "all": ["all"],
@@ -523,18 +640,18 @@ def run_teachers(cfg: Config, device):
     targets = target_paths(t5, tuple(cfg.modules.split(",")))
     torch.manual_seed(cfg.seed)
     bank = LoRABank(t5, targets, len(keys), cfg.rank, cfg.alpha).to(device)
+    d.mkdir(parents=True, exist_ok=True)
     fit(cfg, "teachers", d, TeacherObjective(t5, bank, key_of_task, cfg.teacher_input == "prompt"), b, device)
     if int(os.environ.get("RANK", "0")) == 0:
         save_safetensors(bank.state_dict(), d / "bank.safetensors")
         write_stage_info(d, stage="teachers", keys=keys, group=cfg.group, input=cfg.teacher_input,
-                         targets=targets, rank=cfg.rank, alpha=cfg.alpha, base_model=str(mdir), config=asdict(cfg))
+                         targets=targets, rank=cfg.rank, alpha=cfg.alpha, base_model=str(mdir), on_tk=on_tk(cfg),
+                         config=asdict(cfg))
 
 
 def load_teachers(d: Path, t5: T5, tasks: list[str], categories: dict[str, str], device):
     """A trained bank and, for each task of `tasks`, the index of its key; refuses a bank for other tasks."""
-    info = read_stage_info(d, "teachers")
-    bank = LoRABank(t5, info["targets"], len(info["keys"]), info["rank"], info["alpha"]).to(device)
-    bank.load_state_dict(load_safetensors(d / "bank.safetensors"))
+    bank, info = load_bank(d, t5, device)
     key = {"task": lambda t: t, "category": lambda t: categories[t], "all": lambda t: "all"}[info["group"]]
     missing = sorted({key(t) for t in tasks} - set(info["keys"]))
     if missing:
@@ -543,21 +660,21 @@ def load_teachers(d: Path, t5: T5, tasks: list[str], categories: dict[str, str],
     return bank, torch.tensor([info["keys"].index(key(t)) for t in tasks], device=device), info
 
 
-def teacher_group(cfg: Config) -> str:
-    """The teachers finetune distils from: per task or per category (a shared "all" LoRA teaches nothing
-    task-specific, so it falls back to per task)."""
-    return cfg.group if cfg.group != "all" else "task"
-
-
 def tagi_config(cfg: Config) -> TAGIConfig:
     return TAGIConfig(rank=cfg.rank, alpha=cfg.alpha, modules=tuple(cfg.modules.split(",")), hidden=cfg.hidden,
                       fusion=cfg.fusion, ce_weight=cfg.ce_weight, kl_weight=cfg.kl_weight,
-                      ins_weight=cfg.ins_weight, temperature=cfg.temperature, ins_mode=cfg.ins_mode)
+                      ins_weight=cfg.ins_weight, temperature=cfg.temperature, ins_mode=cfg.ins_mode,
+                      kl_t_squared=cfg.kl_t_squared, kl_positions=cfg.kl_positions, pooling=cfg.pooling,
+                      init=cfg.init, student_input=cfg.student_input, reader=cfg.reader)
+
+
+def reader(cfg: Config, device) -> T5 | None:
+    """The model whose encoder reads the instruction, if it is not the base: the tk model (--reader tk)."""
+    return load_base(cfg, device, tk_model_dir(cfg))[0] if cfg.reader == "tk" else None
 
 
 def run_pretrain(cfg: Config, device):
     d = stage_dirs(cfg)["pretrain"]
-    d.mkdir(parents=True, exist_ok=True)
     t5, tok, mdir = load_base(cfg, device)
     if cfg.text:
         texts = data.iter_texts([p for p in cfg.text.split(",")])
@@ -570,26 +687,32 @@ def run_pretrain(cfg: Config, device):
                                         max_a=cfg.max_instruction_len - 1, max_b=cfg.max_source_len - 1,
                                         max_c=cfg.max_target_len - 1)
     torch.manual_seed(cfg.seed)
-    tagi = TAGI(t5, replace(tagi_config(cfg), kl_weight=0.0, ins_weight=0.0, ce_weight=1.0)).to(device)
-    fit(cfg, "pretrain", d, TAGIObjective(tagi, None, None), b, device)
+    tagi = TAGI(t5, replace(tagi_config(cfg), kl_weight=0.0, ins_weight=0.0, ce_weight=1.0), reader(cfg, device))
+    d.mkdir(parents=True, exist_ok=True)
+    fit(cfg, "pretrain", d, TAGIObjective(tagi.to(device), None, None), b, device)
     if int(os.environ.get("RANK", "0")) == 0:
-        tagi.save(d, base_model=str(mdir.resolve()), tokenizer=str(Path(tok.path).resolve()))
+        tagi.save(d, base_model=str(mdir.resolve()), tokenizer=str(Path(tok.path).resolve()),
+                  reader_model=str(tk_model_dir(cfg).resolve()))
         write_stage_info(d, stage="pretrain", config=asdict(cfg))
 
 
 def run_finetune(cfg: Config, device, name="finetune"):
     d = Path(cfg.out) / name
-    d.mkdir(parents=True, exist_ok=True)
     t5, tok, mdir = load_base(cfg, device)
     examples = task_examples(cfg, "train")
     b = batcher(cfg, examples, tok)
-    teachers, key_of_task = None, None
-    if cfg.kl_weight or cfg.ins_weight:
+    teachers, key_of_task, kl_t5 = None, None, None
+    if (cfg.kl_weight and cfg.kl_teacher == "lora") or cfg.ins_weight:
         cats = {e.task: e.category for e in examples}
-        teachers, key_of_task, _ = load_teachers(teachers_dir(cfg, teacher_group(cfg), "prompt"), t5, b.tasks, cats,
-                                                 device)
+        teachers, key_of_task, info = load_teachers(teachers_dir(cfg, teacher_group(cfg.group), "prompt"), t5, b.tasks,
+                                                    cats, device)
+        if cfg.kl_weight and cfg.kl_teacher == "lora":
+            kl_t5 = load_base(cfg, device, Path(info["base_model"]))[0]
+    if cfg.kl_weight and cfg.kl_teacher == "tk":
+        kl_t5 = load_base(cfg, device, tk_model_dir(cfg))[0]
     torch.manual_seed(cfg.seed)
-    tagi = TAGI(t5, tagi_config(cfg)).to(device)
+    tagi = TAGI(t5, tagi_config(cfg), kl_t5 if cfg.reader == "tk" and cfg.kl_teacher == "tk" else reader(cfg, device))
+    tagi.to(device)
     if not cfg.no_pretrain:
         p = stage_dirs(cfg)["pretrain"]
         read_stage_info(p, "pretrain")
@@ -598,9 +721,11 @@ def run_finetune(cfg: Config, device, name="finetune"):
             raise SystemExit(f"{p / 'tagi.safetensors'}: the pretrained hypernetwork has another shape than this "
                              "finetune run asks for (rank, modules, hidden or fusion differ)")
         tagi.load_state_dict(sd, strict=False)
-    fit(cfg, "finetune", d, TAGIObjective(tagi, teachers, key_of_task), b, device)
+    d.mkdir(parents=True, exist_ok=True)
+    fit(cfg, "finetune", d, TAGIObjective(tagi, teachers, key_of_task, kl_t5, cfg.kl_teacher == "lora"), b, device)
     if int(os.environ.get("RANK", "0")) == 0:
-        tagi.save(d, base_model=str(mdir.resolve()), tokenizer=str(Path(tok.path).resolve()))
+        tagi.save(d, base_model=str(mdir.resolve()), tokenizer=str(Path(tok.path).resolve()),
+                  reader_model=str(tk_model_dir(cfg).resolve()))
         write_stage_info(d, stage="finetune", config=asdict(cfg))
 
 
@@ -611,67 +736,134 @@ def run_finetune(cfg: Config, device, name="finetune"):
 def parse_args(argv=None) -> Config:
     """Every Config field is a flag; its help is the comment beside the field."""
     notes = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = data.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(Config):
         help = f"{notes.get(f.name, '')} (default: {f.default!r})"
         if f.type in ("bool", bool):
             ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=help)
-        else:
-            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            ap.add_argument(f"--{f.name}", type=typ, default=f.default, help=help)
-    return Config(**vars(ap.parse_args(argv)))
+            continue
+        typ, valid = {"int": int, "float": float, "str": str}[str(f.type)], f.metadata.get("valid", "")
+        kw = {"choices": valid.split("|")} if "|" in valid else {"type": data.bounded(typ, valid)} if valid else {}
+        ap.add_argument(f"--{f.name}", **{"type": typ, "default": f.default, "help": help, **kw})
+    args = vars(ap.parse_args(argv))
+    given = {a[2:].split("=")[0].removeprefix("no-") for a in (sys.argv[1:] if argv is None else argv)
+             if str(a).startswith("--")}
+    return Config(**{**args, **{k: v for k, v in RECIPES.get(args["recipe"], {}).items() if k not in given}})
 
 
-def run(cfg: Config, stage: str, device):
-    """Run one stage, first building any missing earlier stage it needs (and saying so)."""
+def needs_bank(cfg: Config) -> bool:
+    """Whether finetuning needs the teacher LoRAs: for L_ins, or for L_kl when its teacher is a LoRA."""
+    return bool(cfg.ins_weight or (cfg.kl_weight and cfg.kl_teacher == "lora"))
+
+
+def run(cfg: Config, stage: str, device, name: str = ""):
+    """Run one stage (into <out>/<name> for a finetune variant), first building any missing earlier stage it needs
+    (and saying so)."""
     c = stage_defaults(cfg, stage)
-    needs = {"base": [], "teachers": ["base"], "pretrain": ["base"], "finetune": ["base", "pretrain", "teachers"]}
+    needs = {"base": [], "tk": ["base"], "teachers": ["base", "tk"], "pretrain": ["base", "tk"],
+             "finetune": ["base", "tk", "pretrain", "teachers"]}
     for need in needs[stage]:
         if need == "base" and (cfg.model or cfg.data != "suite" or (SUITE_BASE / "model.safetensors").exists()
                                or (stage_dirs(cfg)["base"] / "stage.json").exists()):
             continue
         if need == "pretrain" and (cfg.no_pretrain or (stage_dirs(cfg)["pretrain"] / "stage.json").exists()):
             continue
-        if need == "teachers" and (not (cfg.kl_weight or cfg.ins_weight) or
-                                   (teachers_dir(cfg, teacher_group(cfg), "prompt") / "stage.json").exists()):
+        if need == "tk" and (cfg.tk_model or (stage_dirs(cfg)["tk"] / "stage.json").exists() or not (
+                on_tk(cfg) if stage == "teachers" else cfg.reader == "tk" or (stage == "finetune" and (
+                    (cfg.kl_weight and cfg.kl_teacher == "tk") or (cfg.teacher_base == "tk" and needs_bank(cfg)))))):
+            continue
+        if need == "teachers" and (not needs_bank(cfg) or
+                                   (teachers_dir(cfg, teacher_group(cfg.group), "prompt") / "stage.json").exists()):
             continue
         say(f"[{stage}] needs the {need} stage, which is missing: building it first")
-        run(replace(cfg, group=teacher_group(cfg), teacher_input="prompt") if need == "teachers" else cfg, need,
+        run(replace(cfg, group=teacher_group(cfg.group), teacher_input="prompt") if need == "teachers" else cfg, need,
             device)
     say(f"[{stage}] {json.dumps({k: v for k, v in asdict(c).items()})}")
     t0 = time.time()
-    {"base": run_base, "teachers": run_teachers, "pretrain": run_pretrain, "finetune": run_finetune}[stage](c, device)
+    {"base": run_base, "tk": run_tk, "teachers": run_teachers, "pretrain": run_pretrain,
+     "finetune": lambda c, device: run_finetune(c, device, name or "finetune")}[stage](c, device)
     say(f"[{stage}] done in {time.time() - t0:.0f}s")
 
 
+def smoke_test(evaluation: bool = True):
+    """Every piece of TAGI once, on a toy T5 and toy data, in the order ASSIGNMENTS.md teaches them (milliseconds):
+    a piece that is broken, or still to be written in a classroom handout, stops the run here and now rather than
+    minutes into it. evaluation: also evaluate.py's. The global RNG state is left as it was."""
+    import types
+    from hypernet import masked_mean
+    from model import attention, lora, relative_position_bucket
+    from tagi import kl_loss, lora_distance
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        t5 = T5(T5Config(vocab_size=8, d_model=8, d_kv=4, d_ff=8, num_layers=1, num_decoder_layers=1, num_heads=2,
+                         dropout_rate=0.0)).eval()
+        x, ids, mask = torch.randn(2, 3, 8), torch.tensor([[3, 4, 1], [5, 1, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]])
+        heads = x.view(2, 3, 2, 4).transpose(1, 2)  # (N, H, L, K)
+        t5.encoder.final_layer_norm(x)
+        relative_position_bucket(torch.arange(-3, 4), True, 32, 128)
+        attention(heads, heads, heads, torch.zeros(1, 1, 3, 3))
+        lora(x, torch.randn(1, 2, 8), torch.randn(1, 8, 2))
+        t5.generate(ids, mask, max_new_tokens=2)
+        masked_mean(x, mask)
+        tagi = TAGI(t5, TAGIConfig(rank=2, alpha=2.0, hidden=8, ins_weight=1.0))
+        gen = tagi.hypernet(x, mask)
+        tagi.student_memory(ids, mask, x, mask, gen)
+        labels = ids.masked_fill(mask == 0, -100)
+        ce_loss(x, labels)
+        kl_loss(x, x, labels, 2.0)
+        lora_distance(*gen[tagi.targets[0]], *gen[tagi.targets[0]])
+        batch = {"input_ids": ids, "attention_mask": mask, "instruction_ids": ids, "instruction_mask": mask,
+                 "prompt_ids": ids, "prompt_mask": mask, "labels": labels, "task_idx": torch.tensor([0, 1])}
+        tagi.loss(batch, LoRABank(t5, tagi.targets, 1, 2, 2.0), torch.tensor([0, 0]))
+        task = {"name": "t", "Definition": ["Say b"], "Positive Examples": [{"input": "a", "output": "b"}],
+                "Instances": [{"input": "a", "output": ["b"]}]}
+        data.sni_examples([task], num_pos=1)
+        data.sni_prompt(task, "a")
+        data.split_abc(list(range(10)), random.Random(0))
+        get_lr(0, 10, 1.0, 0.1)
+        if not evaluation:
+            return
+        import evaluate  # deferred, as in main
+        evaluate.rank_classification(lambda b: b["labels"].clamp(min=0).sum(1).float(), [
+            {"inputs": "a", "choices": ["b", "c"], "answer": 0, "task": "t", "prompt": "p"}],
+            types.SimpleNamespace(encode=lambda text: [3, 1]), "cpu")
+
+
 def main(argv=None):
-    cfg = parse_args(argv)
+    cfg = resolve(parse_args(argv))
+    check_inputs(cfg)  # all of the command line is checked before anything is written
+    smoke_test(cfg.stage in ("all", "ablations"))  # a broken or missing piece (ASSIGNMENTS.md) stops the run now
     rank, world, device = setup_distributed(cfg.device)
     if cfg.data == "suite":
-        d = Path(cfg.data_dir) if cfg.data_dir else stage_dirs(cfg)["suite"]
         if rank == 0:
-            data.ensure_suite(d, seed=0)
+            data.ensure_suite(cfg.data_dir, seed=0)
         if world > 1:
             dist.barrier()
-    cfg = resolve(cfg)
     torch.manual_seed(cfg.seed)
     if device.type == "cpu":  # e.g. the backward of a gather with repeated indices sums in thread order otherwise
         torch.use_deterministic_algorithms(True)
-    if cfg.stage != "all":
+    t0 = time.time()
+    if cfg.stage in ("all", "ablations"):
+        import evaluate  # the final table (deferred: evaluate.py needs rouge_score, training does not)
+    if cfg.stage == "ablations":  # Table 4: one finetune variant each, in <out>/finetune-<name>, unless finished
+        for name, kw in evaluate.ABLATIONS.items():
+            if not (evaluate.method_dir(Path(cfg.out), name) / "stage.json").exists():
+                say(f"[ablations] {name}: {kw}")
+                run(replace(cfg, **kw), "finetune", device, evaluate.method_dir(Path(cfg.out), name).name)
+    elif cfg.stage != "all":
         run(cfg, cfg.stage, device)
     else:
-        t0 = time.time()
-        for stage, kw in (("teachers", {}), ("teachers", {"group": "all"}),
+        for stage, kw in (("tk", {}), ("teachers", {}), ("teachers", {"group": "all"}),
                           ("teachers", {"group": "all", "teacher_input": "instance"}), ("pretrain", {}),
                           ("finetune", {})):
             run(replace(cfg, **kw), stage, device)
-        if rank == 0:
-            import evaluate
-            evaluate.compare(cfg, device)
-            say(f"pipeline done in {time.time() - t0:.0f}s")
+    if cfg.stage in ("all", "ablations") and rank == 0:
+        t5, tok, _ = load_base(cfg, device)
+        evaluate.compare(cfg, t5, tok, device, ablations=cfg.stage == "ablations")
+        say(f"pipeline done in {time.time() - t0:.0f}s")
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    data.cli(main)

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from conftest import random_hf_t5
-from model import T5, T5Config, load_safetensors
+from model import T5, T5Config, load_safetensors, save_safetensors
 
 transformers = pytest.importorskip("transformers")
 
-STYLES = {  # (a) v1.0: relu, tied embeddings; (b) v1.1 / lm-adapt: gated-gelu, untied, decoder shallower
+STYLES = {  # (a) v1.0: relu, tied, scaled output; (b) v1.1 / lm-adapt: gated-gelu, unscaled, decoder shallower
     "v1.0": dict(feed_forward_proj="relu", tie_word_embeddings=True, num_layers=3, num_decoder_layers=3),
     "v1.1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, num_layers=3, num_decoder_layers=2),
 }
@@ -98,27 +98,86 @@ def test_score_is_mean_token_nll():
         assert abs(nll[i].item() - ref.item()) < 1e-5
 
 
-@pytest.mark.parametrize("style", STYLES)
-def test_our_checkpoint_loads_in_transformers(style, tmp_path):
+def logits64(model, vocab=320):
+    """(N, T, V) logits of `model` on the test batch (float64 when the model is)."""
+    x, mask, y = batch(vocab)
+    with torch.no_grad():
+        return model(input_ids=x, attention_mask=mask, labels=y).logits
+
+
+def hf_checkpoint(style, gen, shard, tmp_path):
+    """A reference transformers T5 (float64) and a directory holding it as transformers `gen` (4 or 5) writes it.
+    5 ties lm_head always and writes scale_decoder_outputs; 4's v1.1 has its own lm_head.weight, and 4's
+    tie_word_embeddings means tied and scaled. transformers 4 is not installed: its files are 5's, edited, and
+    transformers 5 itself builds the untied reference from such a file."""
     kw = config(style)
-    hf = hf_model(kw)
-    ours = ours_from(hf, kw)
-    ours.save_pretrained(tmp_path)
-    assert "lm_head.weight" in load_safetensors(tmp_path / "model.safetensors") or kw["tie_word_embeddings"]
-    reloaded = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
-    assert_same_outputs(reloaded, ours, kw["vocab_size"])
+    hf = random_hf_t5(kw)
+    if gen == 4 and style == "v1.1":
+        hf.save_pretrained(tmp_path / "untied")
+        sd = load_safetensors(tmp_path / "untied" / "model.safetensors")
+        sd["lm_head.weight"] = torch.randn(kw["vocab_size"], kw["d_model"]) * 0.5
+        save_safetensors(sd, tmp_path / "untied" / "model.safetensors", {"format": "pt"})
+        hf = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "untied").eval()
+        assert hf.lm_head.weight is not hf.shared.weight
+    d = tmp_path / "ckpt"
+    hf.save_pretrained(d, **({"max_shard_size": shard} if shard else {}))
+    if gen == 4:
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["tie_word_embeddings"] = cfg.pop("scale_decoder_outputs")
+        (d / "config.json").write_text(json.dumps(cfg))
+    return hf.double(), d
 
 
-@pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("shard", [None, "20KB"])
-def test_transformers_checkpoint_loads_in_ours(style, shard, tmp_path):
-    kw = config(style)
-    hf = hf_model(kw)
-    hf.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
-    assert (tmp_path / "model.safetensors.index.json").exists() == bool(shard)
-    ours = T5.from_pretrained(tmp_path).eval()
-    assert ours.config.gated == kw["feed_forward_proj"].startswith("gated")
-    assert_same_outputs(hf, ours, kw["vocab_size"])
+@pytest.mark.parametrize("style,gen", [("v1.0", 5), ("v1.0", 4), ("v1.1", 5), ("v1.1", 4)])
+def test_transformers_checkpoint_loads_in_ours(style, gen, shard, tmp_path, hf_float64):
+    """v1.0 (tied, scaled); transformers 5's v1.1 (tied, unscaled, no lm_head.weight); transformers 4's v1.1
+    (its own head): the config and the tying come back, and the logits equal the reference's in float64."""
+    hf, d = hf_checkpoint(style, gen, shard, tmp_path)
+    assert (d / "model.safetensors.index.json").exists() == bool(shard)
+    ours = T5.from_pretrained(d, dtype=torch.float64).eval()
+    assert ours.config.gated == (style == "v1.1") and ours.config.scale_decoder_outputs == (style == "v1.0")
+    assert (ours.lm_head.weight is ours.shared.weight) == (style == "v1.0" or gen == 5)
+    assert (logits64(hf) - logits64(ours)).abs().max().item() <= 1e-10
+
+
+HEADS = {  # (feed_forward_proj, tie_word_embeddings, scale_decoder_outputs)
+    "v1.0": ("relu", True, True),
+    "v1.1-untied": ("gated-gelu", False, False),  # transformers 4's v1.1, and our tiny base model
+    "v1.1-tied": ("gated-gelu", True, False),  # transformers 5's v1.1
+    "untied-scaled": ("relu", False, True),  # a v1.0 file whose lm_head.weight differs from shared
+}
+
+
+def read_as_transformers4(d):
+    """transformers 4's reading of a directory: tie_word_embeddings both ties lm_head to shared and scales; an
+    untied head is the file's lm_head.weight (without one, transformers 4 would start from a random head)."""
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(d, dtype=torch.float64).eval()
+    tie = json.loads((d / "config.json").read_text())["tie_word_embeddings"]
+    sd = load_safetensors(d / "model.safetensors")
+    assert tie or "lm_head.weight" in sd, "untied without lm_head.weight: transformers 4 gets a random head"
+    hf.config.scale_decoder_outputs = tie
+    hf.lm_head.weight = hf.shared.weight if tie else torch.nn.Parameter(sd["lm_head.weight"].double())
+    return hf
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_our_checkpoint_reads_back_the_same_everywhere(head, tmp_path, hf_float64):
+    """Our save_pretrained, read by us, by transformers 5 and as transformers 4 reads it: the same logits in
+    float64; an untied scaled head is the one transformers 4 cannot express (it drops the d_model^-0.5)."""
+    ffn, tie, scale = HEADS[head]
+    torch.manual_seed(0)
+    ours = T5(T5Config(**config("v1.0", feed_forward_proj=ffn, tie_word_embeddings=tie,
+                                 scale_decoder_outputs=scale))).double().eval()
+    ours.save_pretrained(tmp_path)
+    ref = logits64(ours)
+    back = T5.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    assert (back.lm_head.weight is back.shared.weight) == tie and back.config.scale_decoder_outputs == scale
+    assert (logits64(back) - ref).abs().max().item() <= 1e-10
+    hf5 = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    assert (logits64(hf5) - ref).abs().max().item() <= 1e-10
+    factor = ours.config.d_model ** -0.5 if head == "untied-scaled" else 1.0
+    assert (logits64(read_as_transformers4(tmp_path)) * factor - ref).abs().max().item() <= 1e-10
 
 
 def test_gatedness_from_weights_and_embedding_alias(tmp_path):

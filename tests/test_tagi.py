@@ -413,3 +413,43 @@ def test_save_load_round_trip(fusion, tmp_path):
             for (k, v), (k2, v2) in zip(f.frozen.state_dict().items(), g.frozen.state_dict().items()):
                 assert k == k2 and torch.equal(v, v2), k
     assert torch.equal(loaded.generate(b, max_new_tokens=4), model.generate(b, max_new_tokens=4))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The exported PEFT adapter
+
+
+@pytest.mark.parametrize("fusion", ["none", "concat"])
+def test_exported_adapter_is_the_student_exactly_without_fusion(fusion, tmp_path):
+    """With --fusion none the PEFT adapter `tagi.py adapter` writes is the evaluated student (PEFT's logits equal
+    TAGI's); with fusion it is not (the decoder's instruction states are left out) and the export says so."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    model = tiny_tagi(fusion).eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # move the heads away from their frozen copy: a trained hypernetwork
+        for p in model.hypernet.heads.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.5 * p.std())
+    b = make_batch([0, 0, 0])
+    with torch.no_grad():
+        ours = model.student(b)[0]
+        gen = model.task_adapters(b["instruction_ids"][:1], b["instruction_mask"][:1])[2]
+    tagi.export_peft(gen, tmp_path / "ad")
+    model.t5.save_pretrained(tmp_path / "t5")
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "t5").eval()
+    pm = peft.PeftModel.from_pretrained(hf, tmp_path / "ad").eval()
+    with torch.no_grad():
+        theirs = pm(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).logits
+    gap = (theirs - ours).abs().max().item()
+    notes = tagi.export_caveats(model.cfg)
+    if fusion == "none":
+        assert gap <= 1e-4 and notes == []
+    else:
+        assert gap > 1e-2 and len(notes) == 1 and "--fusion concat" in notes[0] and "tagi-adapter" in notes[0]
+    with torch.no_grad():  # and what the export leaves out is what the `tagi-adapter` row evaluates
+        alone = model.t5(b["input_ids"], b["attention_mask"], labels=b["labels"],
+                         adapters={p: (A.expand(3, -1, -1), B.expand(3, -1, -1)) for p, (A, B) in gen.items()}).logits
+        assert torch.equal(model.generate_adapters_only(b, 4), model.t5.generate(
+            b["input_ids"], b["attention_mask"], 4, adapters={p: (A.expand(3, -1, -1), B.expand(3, -1, -1))
+                                                               for p, (A, B) in gen.items()}))
+    assert (theirs - alone).abs().max().item() <= 1e-4

@@ -32,8 +32,8 @@ from model import load_safetensors
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--batch_size", "8", "--max_instances", "10", "--log_every", "2"]
 TEACHERS = train.teachers_dir(train.resolve(train.parse_args(["--out", "."]))).name  # the suite's default group
-STAGE_DIR = {"base": "base", "teachers": TEACHERS, "pretrain": "pretrain", "finetune": "finetune"}
-FINAL = {"base": "base/model.safetensors", "teachers": f"{TEACHERS}/bank.safetensors",
+STAGE_DIR = {"base": "base", "tk": "tk", "teachers": TEACHERS, "pretrain": "pretrain", "finetune": "finetune"}
+FINAL = {"base": "base/model.safetensors", "tk": "tk/model.safetensors", "teachers": f"{TEACHERS}/bank.safetensors",
          "pretrain": "pretrain/tagi.safetensors", "finetune": "finetune/tagi.safetensors"}
 
 
@@ -57,17 +57,21 @@ def args(tiny, out, stage, steps, *extra):
 
 @pytest.fixture(scope="session")
 def prepared(tiny, tmp_path_factory):
-    """A run folder holding what finetune needs: the default teachers (3 steps) and pretrain/ (3 steps)."""
+    """A run folder holding what finetune needs: tk/, the default teachers on it and pretrain/ (3 steps each)."""
     root = tmp_path_factory.mktemp("prepared") / "run"
+    main(*args(tiny, root, "tk", 3))
     main(*args(tiny, root, "teachers", 3))
     main(*args(tiny, root, "pretrain", 3))
     return root
 
 
 def run_folder(prepared, path: Path, stage: str) -> Path:
-    """A fresh run folder for `stage`; finetune starts from a copy of the prepared teachers and pretrain."""
+    """A fresh run folder for `stage`; teachers start from a copy of the prepared tk model, finetune from a copy
+    of the prepared tk, teachers and pretrain."""
     if stage == "finetune":
         shutil.copytree(prepared, path)
+    elif stage == "teachers":
+        shutil.copytree(prepared / "tk", path / "tk")
     return path
 
 
@@ -83,6 +87,7 @@ def straight(tiny, prepared, tmp_path_factory):
             main(*args(tiny, out, stage, steps))
             _straight_cache[stage, steps] = out
         return _straight_cache[stage, steps]
+    get.prepared = prepared
     return get
 
 
@@ -93,7 +98,7 @@ def resume(*cli):
 def saving_teachers(tiny, straight, tmp_path, steps):
     """A teachers run of `steps` steps saving every 2, for fault injection: (the uninterrupted reference run,
     the run folder, its stage folder, the command line)."""
-    out = tmp_path / "run"
+    out = run_folder(straight.prepared, tmp_path / "run", "teachers")
     return straight("teachers", steps), out, out / TEACHERS, args(tiny, out, "teachers", steps, "--save_every", 2)
 
 
@@ -187,7 +192,7 @@ def test_base_objectives_rebuild_their_text():
 # 1. Exact resume
 
 
-@pytest.mark.parametrize("stage", ["base", "teachers", "pretrain", "finetune"])
+@pytest.mark.parametrize("stage", ["base", "tk", "teachers", "pretrain", "finetune"])
 def test_resume_after_ctrl_c_is_bit_identical(stage, tiny, prepared, straight, tmp_path, monkeypatch):
     N, k = 6, 2
     ref = straight(stage, N)
@@ -430,7 +435,7 @@ def test_refuses_a_tokenizer_of_another_vocab(which, stage, tiny, prepared, othe
     msg = str(e.value)
     assert str(tok) in msg
     if which == "big":
-        assert "ids but the model" in msg and str(tiny / "base") in msg
+        assert "ids but the model" in msg and str(out / "tk" if stage == "teachers" else tiny / "base") in msg
     else:
         assert "the suite's tokenizer" in msg
 
@@ -438,7 +443,7 @@ def test_refuses_a_tokenizer_of_another_vocab(which, stage, tiny, prepared, othe
 @pytest.mark.parametrize("group", ["task", "category"])
 def test_finetune_refuses_teachers_of_other_tasks(group, tiny, prepared, tmp_path):
     """Teachers trained on a suite whose training split lacks one family (category) cannot teach a finetune on
-    the full split."""
+    the full split (when it needs them: here L_kl from the teacher LoRAs)."""
     sub = tmp_path / "suite-subset"
     shutil.copytree(tiny / "suite", sub)
     split = sub / "splits" / "default" / "train_tasks.txt"
@@ -448,11 +453,11 @@ def test_finetune_refuses_teachers_of_other_tasks(group, tiny, prepared, tmp_pat
     split.write_text("\n".join(t for t in tasks if t not in dropped) + "\n")
     out = tmp_path / "run"
     shutil.copytree(prepared / "pretrain", out / "pretrain")
-    cli = args(tiny, out, "teachers", 2, "--group", group)
+    cli = args(tiny, out, "teachers", 2, "--group", group, "--teacher_base", "base")
     cli[cli.index("--data_dir") + 1] = sub
     main(*cli)
     with pytest.raises(SystemExit) as e:
-        main(*args(tiny, out, "finetune", 2, "--group", group))
+        main(*args(tiny, out, "finetune", 2, "--group", group, "--kl_teacher", "lora"))
     msg = str(e.value)
     missing = sorted(dropped) if group == "task" else [family]
     assert str(out / f"teachers-{group}") in msg and "trained for other tasks" in msg
@@ -521,8 +526,8 @@ def test_quick_pipeline_results_come_from_its_predictions(tiny, tmp_path):
     res = out / "results"
     results = json.loads((res / "results.json").read_text())
     methods = [m for m in results if m != "config"]
-    assert methods == ["base", "noinstr", "concat", "teacher", "tagi"]
-    for stage in (TEACHERS, "teachers-all", "teachers-all-instance", "pretrain", "finetune"):
+    assert methods == ["base", "noinstr", "concat", "tk-instruct", "teacher", "tagi", "tagi-adapter"]
+    for stage in ("tk", TEACHERS, "teachers-all", "teachers-all-instance", "pretrain", "finetune"):
         assert json.loads((out / stage / "stage.json").read_text())["config"]["steps"] == 10
 
     held_out = data.sni_examples(data.load_sni(tiny / "suite", part="test", max_instances=4), num_pos=0)
