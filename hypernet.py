@@ -16,8 +16,8 @@ At initialisation the two heads are equal, so ΔW is 0 for every h: the output i
 step both A and B heads learn (the trunk's gradient is exactly 0 then, as with LoRA's B = 0; it flows from the
 second step on). The copy is fed h itself, not a stop-gradient: the backward pass is the exact gradient of the
 forward (tests/test_tagi.py checks it against finite differences). The adapter handed to T5 is the rank-2r pair
-[B, −B0]·[A; A0]; the frozen heads never change. (Paper: not stated; official code: every hypernetwork weight
-drawn from N(0, 1e-7), so ΔW ≈ 0 and nothing is exact; here: the frozen-copy offset. See README.)
+[B, −B0]·[A; A0]; the frozen heads never change. (Paper: not stated; official code: the HyperNets' weights drawn
+from N(0, 1e-7), so ΔW ≈ 0 and nothing is exact; here: the frozen-copy offset. See README.)
 init="official" instead draws every head weight from N(0, 1e-7) with zero bias and drops the frozen copy: ΔW ≈ 0
 (not exactly), the adapter has rank r, and the trunk keeps its init (the official HyperNet's 8-wide hidden Linears
 are N(0, 1e-7) too). The official code scales B by 1/√r with no α: that is alpha = √rank here (α/r = 1/√r).

@@ -856,7 +856,8 @@ def main(argv=None):
         for stage, kw in (("tk", {}), ("teachers", {}), ("teachers", {"group": "all"}),
                           ("teachers", {"group": "all", "teacher_input": "instance"}), ("pretrain", {}),
                           ("finetune", {})):
-            run(replace(cfg, **kw), stage, device)
+            if not (stage == "pretrain" and cfg.no_pretrain):
+                run(replace(cfg, **kw), stage, device)
     if cfg.stage in ("all", "ablations") and rank == 0:
         t5, tok, _ = load_base(cfg, device)
         evaluate.compare(cfg, t5, tok, device, ablations=cfg.stage == "ablations")
