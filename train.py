@@ -484,6 +484,9 @@ def check_inputs(cfg: Config):
     for path in filter(None, cfg.text.split(",")):
         if not Path(path).exists():
             raise SystemExit(f"--text {path}: no such file or folder")
+    if cfg.ins_mode != "delta" and cfg.init == "offset":
+        raise SystemExit(f"--ins_mode {cfg.ins_mode}: compares factors of equal rank, but --init offset generates "
+                         "rank 2r; use --ins_mode delta or --init official")
     unknown = sorted(set(cfg.modules.split(",")) - {"q", "k", "v", "o", *FFN})
     if unknown:
         raise SystemExit(f"--modules: unknown {unknown}; choose from q,k,v,o (attention) and {','.join(FFN)} (FFN)")

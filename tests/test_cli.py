@@ -39,6 +39,7 @@ BAD = [
     ("train.py --device tpu --out {out}", "--device: invalid choice"),
     ("train.py --no_such_flag 3 --out {out}", "--no_such_flag 3: unknown flag"),
     ("train.py --modules q,x --out {out}", "--modules: unknown ['x']"),
+    ("train.py --ins_mode params --out {out}", "--ins_mode params: compares factors of equal rank"),
     ("train.py --data sni --out {out}", "--data_dir: required with --data sni"),
     ("train.py --stage pretrain --resume --out {out}", "--resume: {out}/pretrain holds no checkpoint"),
     ("train.py --model {tmp}/nowhere --out {out}", "{tmp}/nowhere/config.json: not found"),
