@@ -124,11 +124,12 @@ def ins_loss(gen: dict, teacher: dict, mode: str, rank: int):
     "delta": the gauge-invariant ||B A - Bt At||_F^2 between the updates, summed over targets.
     "params": MSE(A, At) + MSE(B, Bt) of the factors that are applied, summed over targets; needs equal ranks
     (init "official": rank r; TAGI refuses the offset init's 2r).
-    "official": the official code's term (TR:165-226), 1000·[MSE(A_gen, B_t) + MSE(B_gen, A_t)] in its x·A·B
-    orientation, where A_gen = Aᵀ (in, r) and B_gen = Bᵀ (r, out): here 1000·[MSE(Aᵀ, Bt) + MSE(Bᵀ, At)], averaged
-    over targets (it stacks them). It pulls B A towards (Bt At)ᵀ, the transpose of the teacher's update, and needs
-    equal ranks and in = out (q, v of T5). The official code reads the teacher's raw factors, ignoring PEFT's
-    α/r = 2; our teachers have α = r, so Bt is their raw factor. rank: the configured r (for error messages)."""
+    "official": the official code's term (src/ni_trainer.py:165-226), 1000·[MSE(A_gen, B_t) + MSE(B_gen, A_t)]
+    in its x·A·B orientation, where A_gen = Aᵀ (in, r) and B_gen = Bᵀ (r, out): here 1000·[MSE(Aᵀ, Bt) +
+    MSE(Bᵀ, At)], averaged over targets (it stacks them). It pulls B A towards (Bt At)ᵀ, the transpose of the
+    teacher's update, and needs equal ranks and in = out (q, v of T5). The official code reads the teacher's raw
+    factors, ignoring PEFT's α/r = 2; our teachers have α = r, so Bt is their raw factor. rank: the configured r
+    (for error messages)."""
     total = 0.0
     for p, (A, B) in gen.items():
         At, Bt = teacher[p]
@@ -155,8 +156,8 @@ def combined_loss(cfg: TAGIConfig, logits, labels, t_logits=None, gen=None, t_ad
     L_ins is per task (U,): weight each task by its examples in the batch (sum over examples, divide by N, or by
     n_examples for a shard); n_tokens is the L_ce / L_kl divisor for a shard. Returns {"ce", ["kl",] ["ins",]
     "loss"}: every term, so each can be logged. ins_mode "official" enters as σ(L)·L, as the official code adds it
-    (TR:271), σ of this batch's own mean L (on a shard: that σ times the shard's share of the mean). L_kl compares
-    the first min(V_student, V_teacher) logits (T5-LM files hold 32,128 rows, Tk-Instruct's 32,100), with
+    (ni_trainer.py:271), σ of this batch's own mean L (on a shard: that σ times the shard's share of the mean).
+    L_kl compares the first min(V_student, V_teacher) logits (T5-LM files hold 32,128 rows, Tk-Instruct's 32,100), with
     cfg.kl_t_squared and cfg.kl_positions (then n_positions, not n_tokens, divides a shard)."""
     out = {"ce": ce_loss(logits, labels, n_tokens)}
     if cfg.kl_weight:
@@ -218,8 +219,9 @@ class TAGI(nn.Module):
 
     def task_adapters(self, instruction_ids, instruction_mask):
         """Per distinct task: (I_x, mask, adapters {path: (A (U, 2r, in), B (U, out, 2r))}; rank r under init
-        "official"). Eq. 2. Pooling "first_last" is the official first_last_avg (COL:271-287): the hypernetwork
-        reads (I_x + block 0's output) averaged over ALL s positions, padding included; fusion still gets I_x."""
+        "official"). Eq. 2. Pooling "first_last" is the official first_last_avg (ni_collator.py:271-287): the
+        hypernetwork reads (I_x + block 0's output) averaged over ALL s positions, padding included; fusion still
+        gets I_x."""
         if self.cfg.pooling == "first_last":
             states, first = self.encode_instruction(instruction_ids, instruction_mask, return_first=True)
             return states, instruction_mask, self.hypernet(states + first, torch.ones_like(instruction_mask))
