@@ -247,12 +247,17 @@ class TAGI(nn.Module):
             return enc, attention_mask
         return torch.cat([states.to(enc.dtype), enc], 1), torch.cat([smask, attention_mask], 1)  # (N, s+S, D)
 
-    def read(self, batch):
-        """Adapters once per distinct task of the batch (Eq. 2), gathered per example, and the instance encoded
-        with them (Eq. 1). Returns (memory, its mask, per-example adapters, per-task adapters, tasks (U,), inv (N,))."""
+    def example_adapters(self, batch):
+        """Adapters once per distinct task of the batch (Eq. 2), gathered per example. Returns (I_x, its mask,
+        per-task adapters, tasks (U,), inv (N,): example -> task, per-example adapters)."""
         tasks, first, inv = unique_first(batch["task_idx"])
         states, smask, gen = self.task_adapters(batch["instruction_ids"][first], batch["instruction_mask"][first])
-        per_ex = {p: (A[inv], B[inv]) for p, (A, B) in gen.items()}
+        return states, smask, gen, tasks, inv, {p: (A[inv], B[inv]) for p, (A, B) in gen.items()}
+
+    def read(self, batch):
+        """example_adapters, and the instance encoded with them (Eq. 1). Returns (memory, its mask, per-example
+        adapters, per-task adapters, tasks (U,), inv (N,))."""
+        states, smask, gen, tasks, inv, per_ex = self.example_adapters(batch)
         mem, mmask = self.student_memory(*self.student_input(batch), states[inv], smask[inv], per_ex)
         return mem, mmask, per_ex, gen, tasks, inv
 
@@ -267,7 +272,7 @@ class TAGI(nn.Module):
     def generate_adapters_only(self, batch, max_new_tokens=128):
         """What an exported PEFT adapter computes (tagi.py adapter): the frozen T5 with each example's generated
         adapters on the student's input, but no fusion: the decoder does not see the instruction states."""
-        _, _, per_ex, *_ = self.read(batch)
+        per_ex = self.example_adapters(batch)[-1]  # no memory: generate encodes the input itself
         return self.t5.generate(*self.student_input(batch), max_new_tokens, adapters=per_ex)
 
     def student(self, batch, return_inverse=False):
