@@ -671,9 +671,10 @@ def tagi_config(cfg: Config) -> TAGIConfig:
                       init=cfg.init, student_input=cfg.student_input, reader=cfg.reader)
 
 
-def reader(cfg: Config, device) -> T5 | None:
-    """The model whose encoder reads the instruction, if it is not the base: the tk model (--reader tk)."""
-    return load_base(cfg, device, tk_model_dir(cfg))[0] if cfg.reader == "tk" else None
+def load_tk(cfg: Config, device, wanted: bool = True) -> T5 | None:
+    """The tk model (the Tk-Instruct analog, or --tk_model), loaded once per stage that reads it; None if not
+    wanted."""
+    return load_base(cfg, device, tk_model_dir(cfg))[0] if wanted else None
 
 
 def run_pretrain(cfg: Config, device):
@@ -690,7 +691,8 @@ def run_pretrain(cfg: Config, device):
                                         max_a=cfg.max_instruction_len - 1, max_b=cfg.max_source_len - 1,
                                         max_c=cfg.max_target_len - 1)
     torch.manual_seed(cfg.seed)
-    tagi = TAGI(t5, replace(tagi_config(cfg), kl_weight=0.0, ins_weight=0.0, ce_weight=1.0), reader(cfg, device))
+    tagi = TAGI(t5, replace(tagi_config(cfg), kl_weight=0.0, ins_weight=0.0, ce_weight=1.0),
+                load_tk(cfg, device, cfg.reader == "tk"))
     d.mkdir(parents=True, exist_ok=True)
     fit(cfg, "pretrain", d, TAGIObjective(tagi.to(device), None, None), b, device)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -704,17 +706,16 @@ def run_finetune(cfg: Config, device, name="finetune"):
     t5, tok, mdir = load_base(cfg, device)
     examples = task_examples(cfg, "train")
     b = batcher(cfg, examples, tok)
-    teachers, key_of_task, kl_t5 = None, None, None
-    if (cfg.kl_weight and cfg.kl_teacher == "lora") or cfg.ins_weight:
+    tk = load_tk(cfg, device, cfg.reader == "tk" or bool(cfg.kl_weight and cfg.kl_teacher == "tk"))
+    teachers, key_of_task, kl_t5 = None, None, tk if cfg.kl_weight and cfg.kl_teacher == "tk" else None
+    if needs_bank(cfg):
         cats = {e.task: e.category for e in examples}
         teachers, key_of_task, info = load_teachers(teachers_dir(cfg, teacher_group(cfg.group), "prompt"), t5, b.tasks,
                                                     cats, device)
         if cfg.kl_weight and cfg.kl_teacher == "lora":
             kl_t5 = load_base(cfg, device, Path(info["base_model"]))[0]
-    if cfg.kl_weight and cfg.kl_teacher == "tk":
-        kl_t5 = load_base(cfg, device, tk_model_dir(cfg))[0]
     torch.manual_seed(cfg.seed)
-    tagi = TAGI(t5, tagi_config(cfg), kl_t5 if cfg.reader == "tk" and cfg.kl_teacher == "tk" else reader(cfg, device))
+    tagi = TAGI(t5, tagi_config(cfg), tk if cfg.reader == "tk" else None)
     tagi.to(device)
     if not cfg.no_pretrain:
         p = stage_dirs(cfg)["pretrain"]
@@ -759,6 +760,15 @@ def needs_bank(cfg: Config) -> bool:
     return bool(cfg.ins_weight or (cfg.kl_weight and cfg.kl_teacher == "lora"))
 
 
+def needs_tk(cfg: Config, stage: str) -> bool:
+    """Whether `stage` reads the tk model: teachers that sit on it; a tk reader of the instruction (pretrain,
+    finetune); finetuning's L_kl teacher, or the teacher LoRAs it needs when they sit on tk."""
+    if stage == "teachers":
+        return on_tk(cfg)
+    return cfg.reader == "tk" or (stage == "finetune" and bool(
+        (cfg.kl_weight and cfg.kl_teacher == "tk") or (cfg.teacher_base == "tk" and needs_bank(cfg))))
+
+
 def run(cfg: Config, stage: str, device, name: str = ""):
     """Run one stage (into <out>/<name> for a finetune variant), first building any missing earlier stage it needs
     (and saying so)."""
@@ -771,9 +781,8 @@ def run(cfg: Config, stage: str, device, name: str = ""):
             continue
         if need == "pretrain" and (cfg.no_pretrain or (stage_dirs(cfg)["pretrain"] / "stage.json").exists()):
             continue
-        if need == "tk" and (cfg.tk_model or (stage_dirs(cfg)["tk"] / "stage.json").exists() or not (
-                on_tk(cfg) if stage == "teachers" else cfg.reader == "tk" or (stage == "finetune" and (
-                    (cfg.kl_weight and cfg.kl_teacher == "tk") or (cfg.teacher_base == "tk" and needs_bank(cfg)))))):
+        if need == "tk" and (cfg.tk_model or (stage_dirs(cfg)["tk"] / "stage.json").exists() or
+                             not needs_tk(cfg, stage)):
             continue
         if need == "teachers" and (not needs_bank(cfg) or
                                    (teachers_dir(cfg, teacher_group(cfg.group), "prompt") / "stage.json").exists()):
