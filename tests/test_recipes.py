@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import data
 import train
 from tagi import kl_loss
+from test_properties import CharTokenizer as CharTok
 from test_tagi import VOCAB, make_batch, tiny_t5, tiny_tagi
 
 
@@ -97,13 +98,6 @@ def test_random_sampling_draws_seeded_instances_per_task(tmp_path):
     assert len({tuple(sorted(x)) for x in ids(a)}) == 3  # each task its own draw
     full, everything = data.load_sni(tmp_path, max_instances=None, sample_seed=0), data.load_sni(tmp_path, max_instances=None)
     assert [sorted(x) for x in ids(full)] == [sorted(x) for x in ids(everything)]  # a permutation, nothing lost
-
-
-class CharTok:
-    eos_id = 1
-
-    def encode(self, text, add_eos=True):
-        return [3 + ord(ch) % 50 for ch in text] + ([1] if add_eos else [])
 
 
 def test_random_reference_draws_every_reference_in_training_only(tmp_path):
