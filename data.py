@@ -160,14 +160,16 @@ def load_sni_task(path) -> dict:
 
 
 def load_sni(data_dir, split: str = "default", part: str = "train", max_instances: int | None = 100,
-             english_only: bool = True, missing_ok: bool = False, sample_seed: int | None = None) -> list[dict]:
+             english_only: bool = True, missing_ok: bool = False, sample_seed: int | None = None,
+             per_category: int | None = None) -> list[dict]:
     """The tasks listed in splits/<split>/<part>_tasks.txt, each cut to its first `max_instances` instances
-    (with sample_seed: `max_instances` drawn at random, seeded by (seed, task), as the official code shuffles)."""
+    (with sample_seed: `max_instances` drawn at random, seeded by (seed, task), as the official code shuffles);
+    per_category: only the first that many tasks of each category (its first listed)."""
     data_dir = Path(data_dir)
     list_file = data_dir / "splits" / split / f"{part}_tasks.txt"
     if not list_file.is_file():
         raise ValueError(f"{list_file}: split file not found")
-    tasks = []
+    tasks, taken = [], {}
     for name in (s.strip() for s in list_file.read_text(encoding="utf-8").split("\n")):
         if not name:
             continue
@@ -180,6 +182,10 @@ def load_sni(data_dir, split: str = "default", part: str = "train", max_instance
         langs = [task.get("Input_language", ["English"]), task.get("Output_language", ["English"])]
         if english_only and not all(any("English" in str(x) for x in lang) for lang in langs):
             continue
+        category = (task.get("Categories") or [""])[0]
+        if per_category and taken.get(category, 0) >= per_category:
+            continue
+        taken[category] = taken.get(category, 0) + 1
         if sample_seed is not None:
             random.Random(f"{sample_seed}-{name}").shuffle(task["Instances"])
         if max_instances is not None:

@@ -13,7 +13,10 @@ Tk-Instruct and TAGI) for the default (English) track:
 Both take the max over the references; `sni_scores` averages, multiplies by 100 and rounds to 4 decimals.
 """
 import json
+import math
 import string
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -85,8 +88,9 @@ def sni_report(preds: list[str], examples) -> dict:
 
 
 def method_dir(run_dir: Path, name: str) -> Path:
-    """Where train.py writes a TAGI method: tagi -> <run>/finetune, tagi-nofusion -> <run>/finetune-nofusion."""
-    return run_dir / name.replace("tagi", "finetune", 1)
+    """Where train.py writes a TAGI method: tagi -> <run>/finetune, tagi-nofusion -> <run>/finetune-nofusion,
+    hint -> <run>/finetune-hint."""
+    return run_dir / (name.replace("tagi", "finetune", 1) if name.startswith("tagi") else f"finetune-{name}")
 
 
 def method_fns(name: str, run_dir: Path, t5: T5, device, group: str = "task"):
@@ -188,11 +192,11 @@ def rank_classification(nll, items: list[dict], tok, device, batch_size=64) -> d
 # ----------------------------------------------------------------------------------------------------------------
 # The comparison table (paper Tables 2 and 4, on whatever data the run was trained on)
 
-METHODS = ("base", "noinstr", "concat", "tk-instruct", "teacher", "tagi", "tagi-adapter")
-# Table 4 of the paper, on our defaults: L_ins is off by default (see README), so its row adds it (λ2 = 1e-4
-# puts it on the scale of L_ce here) instead of removing it.
-ABLATIONS = {"tagi-nofusion": {"fusion": "none"}, "tagi-nopretrain": {"no_pretrain": True},
-             "tagi-noce": {"ce_weight": 0.0}, "tagi-nokl": {"kl_weight": 0.0}, "tagi+ins": {"ins_weight": 1e-4}}
+METHODS = ("base", "noinstr", "concat", "tk-instruct", "teacher", "hint", "tagi", "tagi-adapter")
+# Finetune variants: the HINT-like row of Table 2 (hypernetwork + fusion, cross-entropy only) and Table 4.
+VARIANTS = {"hint": {"kl_weight": 0.0, "ins_weight": 0.0}}
+ABLATIONS = {"tagi-nopretrain": {"no_pretrain": True}, "tagi-nofusion": {"fusion": "none"},
+             "tagi-nokl": {"kl_weight": 0.0}, "tagi-noins": {"ins_weight": 0.0}, "tagi-noce": {"ce_weight": 0.0}}
 
 
 def held_out_examples(cfg):
@@ -204,7 +208,8 @@ def held_out_examples(cfg):
 def seen_examples(cfg, total: int = 960):
     """Training tasks scored on instances they were not trained on (after the first max_instances), about
     `total` instances spread evenly over the tasks (at least one each)."""
-    tasks = data.load_sni(cfg.data_dir, part="train", max_instances=None)
+    tasks = data.load_sni(cfg.data_dir, part="train", max_instances=None,
+                          per_category=getattr(cfg, "tasks_per_category", 0))
     n = max(1, total // len(tasks))
     for t in tasks:
         t["Instances"] = t["Instances"][cfg.max_instances:cfg.max_instances + n]
@@ -252,6 +257,9 @@ def compare(cfg, t5: T5, tok, device, ablations: bool = False) -> dict:
             with open(res_dir / f"{name}.{split}.jsonl", "w") as f:
                 for e, p in zip(exs, preds):
                     f.write(json.dumps({"id": e.id, "prediction": p}, ensure_ascii=False) + "\n")
+    for name, ratio in method_flops(cfg, t5, tok, device).items():
+        if name in results:
+            results[name]["flops_vs_tk"] = ratio
     (res_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     table = results_table(results)
     (res_dir / "results.md").write_text(table + "\n")
@@ -260,13 +268,20 @@ def compare(cfg, t5: T5, tok, device, ablations: bool = False) -> dict:
 
 
 def results_table(results: dict) -> str:
+    """One run's table; with summary's {"mean", "std"} pairs in place of numbers, the "mean ± std" table."""
+    def num(x):
+        return f"{x['mean']:.1f} ± {x['std']:.1f}" if isinstance(x, dict) else f"{x:.1f}"
+
     def cell(r, split, metric):
-        return f"{r[split]['overall'][metric]:.1f}" if split in r else "–"
-    lines = ["| method | held-out ROUGE-L | held-out EM | seen ROUGE-L | seen EM |", "|---|---|---|---|---|"]
+        return num(r[split]["overall"][metric]) if split in r else "–"
+    lines = ["| method | held-out ROUGE-L | held-out EM | seen ROUGE-L | seen EM | FLOPs (× tk-instruct) |",
+             "|---|---|---|---|---|---|"]
     for name, r in results.items():
-        if name != "config":
+        if name not in ("config", "seeds"):
+            flops = r.get("flops_vs_tk", "–")
+            flops = f"{flops['mean'] if isinstance(flops, dict) else flops:.2f}" if flops != "–" else flops
             lines.append(f"| {name} | {cell(r, 'held-out', 'rougeL')} | {cell(r, 'held-out', 'exact_match')} | "
-                         f"{cell(r, 'seen', 'rougeL')} | {cell(r, 'seen', 'exact_match')} |")
+                         f"{cell(r, 'seen', 'rougeL')} | {cell(r, 'seen', 'exact_match')} | {flops} |")
     return "\n".join(lines)
 
 
@@ -334,6 +349,31 @@ def task_cost(tagi: TAGI, concat_adapters: dict, batch: dict, timed: bool = True
     return out
 
 
+@torch.no_grad()
+def method_flops(cfg, t5: T5, tok, device) -> dict[str, float]:
+    """Table 2's FLOPs column: scoring one held-out task of 100 instances (teacher forcing on the references), per
+    method, relative to tk-instruct (the full prompt for every instance). TAGI and HINT read the instruction once;
+    LoRA rows add their adapters' cost; base and tk-instruct are one architecture."""
+    run = Path(cfg.out)
+    if cfg.data == "p3" or not (run / "finetune" / "stage.json").exists() or not (run / "teachers-all").is_dir():
+        return {}
+    exs = held_out_examples(cfg)
+    exs = [e for e in exs if e.task == exs[0].task][:100]
+    b = {k: v.to(device) for k, v in eval_batcher(cfg, exs, tok, len(exs)).batch(0).items()}
+    tagi = TAGI.load(run / "finetune", t5).to(device).eval()
+    lora = load_bank(run / "teachers-all", t5, device)[0].get(0)
+    run_tagi, run_concat = task_runs(tagi, lora, b)
+
+    def adapters_only():
+        gen = tagi.task_adapters(b["instruction_ids"][:1], b["instruction_mask"][:1])[2]
+        return t5(b["input_ids"], b["attention_mask"], labels=b["labels"], adapters=gen)
+    f = {"tk-instruct": count_flops(lambda: t5(b["prompt_ids"], b["prompt_mask"], labels=b["labels"])),
+         "concat": count_flops(run_concat), "tagi": count_flops(run_tagi), "tagi-adapter": count_flops(adapters_only),
+         "noinstr": count_flops(lambda: t5(b["input_ids"], b["attention_mask"], labels=b["labels"], adapters=lora))}
+    f.update({"base": f["tk-instruct"], "teacher": f["concat"], "hint": f["tagi"]})
+    return {k: round(v / f["tk-instruct"], 4) for k, v in f.items()}
+
+
 def efficiency_report(cfg, t5: T5, tok, device) -> dict:
     """One task of 100 instances, measured twice: the run's own models on a held-out task, and an SNI-shaped case
     (T5 v1.1-base shape, rank 32 on q and v, ≈1,000-token prompts; FLOPs only, counted on the meta device)."""
@@ -364,26 +404,219 @@ def sni_shape_cost(N=100, s=900, S=100, T=16) -> dict:
     return {"instruction_tokens": s, "instance_tokens": S, "target_tokens": T, **out}
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Seeds, scaling and figures: python evaluate.py --out RUN --seeds 3 --ablations --scaling --plot
+
+SCALING = (8, 24, 60)  # training tasks per category of the scaling runs (the run itself has them all: 120)
+
+
+def seed_dir(run_dir: Path, seed: int) -> Path:
+    return run_dir if seed == 0 else run_dir / f"seed-{seed}"
+
+
+def train_run(run_dir: Path, out: Path, *extra: str):
+    """`python train.py` with the command line that made run_dir (its pipeline.json; none: the zero-argument run)
+    and `extra` after it (later flags win): trains what out lacks, keeping stages trained with the same settings."""
+    f = run_dir / "pipeline.json"
+    argv = json.loads(f.read_text())["argv"] if f.is_file() else []
+    suite = ["--data_dir", str(run_dir / "suite")] if (run_dir / "suite" / "suite.json").is_file() else []
+    cmd = [sys.executable, str(Path(__file__).with_name("train.py")), *argv, *suite, "--out", str(out), *extra]
+    print("$ python", " ".join(cmd[1:]), flush=True)
+    if subprocess.run(cmd).returncode:
+        raise SystemExit(f"{out}: training failed (see above); run the same command again to go on")
+
+
+def mean_std(xs: list[float]) -> dict:
+    """Mean and sample standard deviation (n - 1; 0 for one value)."""
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return {"mean": round(m, 2), "std": round(sd, 2)}
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Several results.json (one per seed) -> the same layout with {"mean", "std"} for every number all have."""
+    def merge(vals):
+        if isinstance(vals[0], dict):
+            return {k: merge([v[k] for v in vals]) for k in vals[0] if all(k in v for v in vals)}
+        return mean_std(vals) if isinstance(vals[0], (int, float)) else vals[0]
+    return {"seeds": [r["config"]["seed"] for r in runs], **merge([{k: v for k, v in r.items() if k != "config"}
+                                                                   for r in runs])}
+
+
+def noise_verdict(a: dict, b: dict) -> str:
+    """b against a ({"mean", "std"} each): a difference only when it exceeds both spreads."""
+    d = b["mean"] - a["mean"]
+    return "within noise" if abs(d) <= max(a["std"], b["std"]) else "higher" if d > 0 else "lower"
+
+
+def ablation_table(summ: dict) -> str:
+    lines = ["| method | held-out ROUGE-L | seen ROUGE-L | Δ held-out | Δ seen |", "|---|---|---|---|---|"]
+    t = summ["tagi"]
+    for name in ["tagi", *ABLATIONS]:
+        if name not in summ:
+            continue
+        cells = []
+        for split in ("held-out", "seen"):
+            a, b = t[split]["overall"]["rougeL"], summ[name][split]["overall"]["rougeL"]
+            cells.append(f"{b['mean'] - a['mean']:+.1f} ({noise_verdict(a, b)})" if name != "tagi" else "")
+        r = {s: summ[name][s]["overall"]["rougeL"] for s in ("held-out", "seen")}
+        lines.append(f"| {name} | {r['held-out']['mean']:.1f} ± {r['held-out']['std']:.1f} | "
+                     f"{r['seen']['mean']:.1f} ± {r['seen']['std']:.1f} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+def family_table(summ: dict) -> str:
+    """Held-out ROUGE-L per family (category), mean ± std, one column per method."""
+    names = [n for n in METHODS if "held-out" in summ.get(n, {})]
+    cats = list(summ["tagi"]["held-out"]["per_category"])
+    lines = ["| family | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for c in cats:
+        cells = [summ[n]["held-out"]["per_category"][c]["rougeL"] for n in names]
+        lines.append(f"| {c} | " + " | ".join(f"{x['mean']:.0f} ± {x['std']:.0f}" for x in cells) + " |")
+    return "\n".join(lines)
+
+
+def plots(run_dir: Path, summ: dict | None, scaling: dict | None) -> list[Path]:
+    """PNGs under <run>/results/plots: every stage's logged terms, the Table 2 / Table 4 bars (mean ± std over the
+    seeds) and the scaling figure."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out = run_dir / "results" / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    logs = sorted(d for d in run_dir.iterdir() if (d / "log.jsonl").is_file())
+    fig, axes = plt.subplots(math.ceil(len(logs) / 4), 4, figsize=(16, 3 * math.ceil(len(logs) / 4)), squeeze=False)
+    for ax, d in zip(axes.flat, logs):
+        recs = [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
+        starts = [i for i in range(len(recs)) if i == 0 or recs[i]["step"] <= recs[i - 1]["step"]]
+        recs = recs[starts[-1]:]  # a stage trained again appends to its log: its last training
+        for k in [k for k in recs[0] if k not in ("step", "lr", "ms_per_step", "tokens_per_s")]:
+            ax.plot([r["step"] for r in recs], [r[k] for r in recs], label=k)
+        ax.set(title=d.name, xlabel="step", yscale="log")
+        ax.legend(fontsize=7)
+    for ax in axes.flat[len(logs):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=90)
+    files = [out / "curves.png"]
+    for name, rows in (("table2", METHODS), ("table4", ("tagi", *ABLATIONS))) if summ else ():
+        rows = [m for m in rows if m in summ]
+        if len(rows) < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(1.1 * len(rows) + 2, 3.5))
+        for i, split in enumerate(("held-out", "seen")):
+            vals = [summ[m][split]["overall"]["rougeL"] if split in summ[m] else {"mean": 0, "std": 0} for m in rows]
+            ax.bar([j + 0.4 * i - 0.2 for j in range(len(rows))], [v["mean"] for v in vals], 0.4, label=split,
+                   yerr=[v["std"] for v in vals], capsize=3)
+        ax.set_xticks(range(len(rows)), rows, rotation=20)
+        ax.set(ylabel="ROUGE-L", title=f"{name}: mean ± std over seeds {summ['seeds']}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / f"{name}.png", dpi=90)
+        files.append(out / f"{name}.png")
+    if scaling:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for m in ("tagi", "tk-instruct"):
+            ax.plot(list(scaling), [scaling[n][m] for n in scaling], marker="o", label=m)
+        ax.set(xscale="log", xlabel="training tasks per family", ylabel="held-out ROUGE-L", title="scaling (seed 0)")
+        ax.set_xticks(list(scaling), [str(n) for n in scaling])
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "scaling.png", dpi=90)
+        files.append(out / "scaling.png")
+    plt.close("all")
+    return files
+
+
+def load_run(run_dir: Path, device_flag: str | None):
+    """The run's settings (its finetune stage's config), its base T5, tokenizer and device (the run's own unless
+    device_flag says otherwise)."""
+    saved = read_stage_info(run_dir / "finetune", "finetune")["config"]  # already resolved by train.py
+    cfg = SimpleNamespace(**{**saved, "out": str(run_dir)})
+    device = data.pick_device(device_flag or cfg.device)
+    t5, info = base_of(run_dir / "finetune", device)
+    return cfg, t5, data.Tokenizer(info["tokenizer"]), device
+
+
+def report(run_dir: Path, seeds: int, ablations: bool, scaling: bool, plot: bool, device_flag: str | None):
+    """Train what is missing (seeds 1.. in <run>/seed-<k>, scaling runs in <run>/scaling-<n>), score it, and write
+    <run>/results/summary.{md,json} (and the PNGs)."""
+    runs = []
+    for seed in range(seeds):
+        d = seed_dir(run_dir, seed)
+        f = d / "results" / "results.json"
+        if not f.is_file() or (ablations and not all(n in json.loads(f.read_text()) for n in ABLATIONS)):
+            train_run(run_dir, d, "--seed", str(seed), "--stage", "ablations" if ablations else "all")
+        runs.append(json.loads(f.read_text()))
+    summ, points = summarize(runs), {}
+    write_summary(run_dir, summ, points, ablations)  # now, and again once the scaling runs are in
+    if scaling:
+        for n in SCALING:
+            d = run_dir / f"scaling-{n}"
+            if not (d / "results" / "results.json").is_file():
+                train_run(run_dir, d, "--seed", "0", "--stage", "finetune", "--tasks_per_category", str(n))
+                compare(*load_run(d, device_flag))
+            points[n] = json.loads((d / "results" / "results.json").read_text())
+        points[max(len(v) for v in family_tasks(run_dir).values())] = runs[0]
+        points = {n: {m: points[n][m]["held-out"]["overall"]["rougeL"] for m in ("tagi", "tk-instruct")}
+                  for n in sorted(points)}
+        write_summary(run_dir, summ, points, ablations)
+    if plot:
+        print("\n".join(str(p) for p in plots(run_dir, summ, points)))
+
+
+def write_summary(run_dir: Path, summ: dict, points: dict, ablations: bool):
+    md = [f"Mean ± std over seeds {summ['seeds']}.", "", "Table 2", "", results_table(
+        {n: summ[n] for n in METHODS if n in summ}), "", "Per family (held-out ROUGE-L)", "", family_table(summ)]
+    if ablations:
+        md += ["", "Table 4 (Δ against tagi; a difference only beyond both rows' std)", "", ablation_table(summ)]
+    if points:
+        md += ["", "Scaling (held-out ROUGE-L, seed 0)", "", "| tasks per family | tagi | tk-instruct |",
+               "|---|---|---|"] + [f"| {n} | {p['tagi']:.1f} | {p['tk-instruct']:.1f} |" for n, p in points.items()]
+    (run_dir / "results").mkdir(exist_ok=True)
+    (run_dir / "results" / "summary.json").write_text(json.dumps({**summ, "scaling": points}, indent=1) + "\n")
+    (run_dir / "results" / "summary.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md), flush=True)
+
+
+def family_tasks(run_dir: Path) -> dict[str, list[str]]:
+    cfg = read_stage_info(run_dir / "finetune", "finetune")["config"]
+    out = {}
+    for t in data.load_sni(cfg["data_dir"], part="train", max_instances=0, per_category=cfg.get("tasks_per_category")):
+        out.setdefault(t["Categories"][0], []).append(t["name"])
+    return out
+
+
 def main(argv=None):
     ap = data.ArgumentParser(description="Score a finished run: TAGI against its baselines and ablations.")
     ap.add_argument("--out", default="runs/default", help="the run folder written by train.py")
     ap.add_argument("--ablations", action="store_true", help="also score Table 4's ablations (trained by "
-                    "`python train.py --stage ablations`)")
+                    "`python train.py --stage ablations`; with --seeds, trained here where missing)")
+    ap.add_argument("--seeds", type=data.bounded(int, ">= 1"), default=1, help="mean ± std over seeds 0..N-1 "
+                    "(seed k > 0 in <out>/seed-k), training what is missing with the run's own command line")
+    ap.add_argument("--scaling", action="store_true", help=f"also train and score TAGI and tk-instruct with "
+                    f"{', '.join(map(str, SCALING))} training tasks per category (<out>/scaling-<n>)")
+    ap.add_argument("--plot", action="store_true", help="write PNGs under <out>/results/plots (needs matplotlib)")
     ap.add_argument("--efficiency", action="store_true", help="FLOPs and wall time, TAGI vs concatenation")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the run's own --device")
     args = ap.parse_args(argv)
     run_dir = Path(args.out)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise SystemExit("--plot: needs matplotlib, which is not installed: pip install matplotlib") from None
+    if args.seeds > 1 or args.scaling or args.plot:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise SystemExit(f"--out {run_dir}: is a file; pass a run folder")
+        return report(run_dir, args.seeds, args.ablations, args.scaling, args.plot, args.device)
     if not run_dir.is_dir():
         raise SystemExit(f"--out {run_dir}: no such run folder; train one first: python train.py --out {run_dir}")
-    saved = read_stage_info(run_dir / "finetune", "finetune")["config"]  # the run's settings, already resolved
     missing = [n for n in ABLATIONS if not (method_dir(run_dir, n) / "stage.json").is_file()] if args.ablations else []
     if missing:
         raise SystemExit(f"--ablations: {method_dir(run_dir, missing[0])} (and {len(missing) - 1} more) not trained; "
                          f"run python train.py --stage ablations --out {run_dir} first")
-    cfg = SimpleNamespace(**{**saved, "out": args.out})
-    device = data.pick_device(args.device or cfg.device)
-    t5, info = base_of(run_dir / "finetune", device)
-    tok = data.Tokenizer(info["tokenizer"])
+    cfg, t5, tok, device = load_run(run_dir, args.device)
     if args.efficiency:
         print(json.dumps(efficiency_report(cfg, t5, tok, device), indent=1))
     else:

@@ -16,9 +16,12 @@ Stages (each writes <out>/<stage>/ and can be resumed with --resume):
               instruction-concatenation baseline; with --teacher_input instance, the no-instruction baseline.
     pretrain  hypernetwork pretraining on plain text cut as a | b | c: a is the "instruction", b the input, c
               the target; cross-entropy only.
-    finetune  TAGI on the tasks with L_ce + λ1·L_kl + λ2·L_ins, starting from the pretrained hypernetwork.
-    ablations the paper's Table 4: one finetune variant each (evaluate.ABLATIONS) in <out>/finetune-<name>, then
-              the table with them (`all` and `ablations` end in evaluate.compare).
+    finetune  TAGI on the tasks with L_ce + λ1·L_kl + λ2·L_ins, starting from the pretrained hypernetwork
+              (--name NAME: a variant, in <out>/NAME).
+    all       the pipeline (`pipeline`): tk, the teachers and the two one-LoRA baselines, pretrain, TAGI and the
+              HINT-like variant (evaluate.VARIANTS), then the table (evaluate.compare). Stages already trained with
+              the same settings are kept (so a second run only scores).
+    ablations `all` and the paper's Table 4: one finetune variant each (evaluate.ABLATIONS), <out>/finetune-<name>.
 
 Every stage: AdamW, linear warmup then cosine decay, gradient accumulation, bf16 autocast on CUDA, gradient
 clipping, a tqdm bar, one JSON line per logged step (<stage>/log.jsonl), checkpoints in safetensors + JSON
@@ -63,6 +66,9 @@ def arg(default, valid: str):
     return field(default=default, metadata={"valid": valid})
 
 
+INS_WEIGHT = 1e-4  # λ2 of the defaults, chosen on seen tasks (README, "Choosing λ2")
+
+
 @dataclass
 class Config:
     stage: str = arg("all", "all|base|tk|teachers|pretrain|finetune|ablations")  # all: the pipeline + evaluation
@@ -89,7 +95,7 @@ class Config:
     init: str = arg("offset", "offset|official")  # heads: offset (ΔW = 0, rank 2r) | official (N(0, 1e-7), rank r)
     ce_weight: float = arg(1.0, ">= 0")           # Eq. 6 weight of L_ce (0 switches the term off)
     kl_weight: float = arg(1.0, ">= 0")           # λ1, weight of L_kl (distillation from the teachers' logits)
-    ins_weight: float = arg(0.0, ">= 0")          # λ2, weight of L_ins (distance to the teachers' LoRA)
+    ins_weight: float = arg(INS_WEIGHT, ">= 0")   # λ2, weight of L_ins (distance to the teachers' LoRA; README)
     temperature: float = arg(2.0, "> 0")          # T of L_kl
     kl_t_squared: bool = True                     # L_kl x T² (ours); the paper and official code: --no-kl_t_squared
     kl_positions: str = arg("tokens", "tokens|all")  # L_kl averaged over real target tokens | all positions (official)
@@ -119,6 +125,8 @@ class Config:
     save_every: int = arg(500, ">= 1")            # steps between checkpoints
     resume: bool = False                          # continue the stage from its latest checkpoint
     quick: bool = False                           # a short pipeline (CI): fewer steps and instances
+    name: str = ""                                # finetune: the variant's folder under --out (default finetune)
+    tasks_per_category: int = arg(0, ">= 1")      # keep the first N training tasks of each category (0: all)
     eval_instances: int = arg(100, ">= 1")        # evaluation: first N instances of each test task
 
 
@@ -539,7 +547,7 @@ def task_examples(cfg: Config, part: str = "train"):
     if cfg.data == "p3":
         return data.p3_examples(data.load_p3(Path(cfg.data_dir) / part, cfg.max_instances))
     n = min(cfg.max_instances, 20) if cfg.quick else cfg.max_instances
-    tasks = data.load_sni(cfg.data_dir, part=part, max_instances=n,
+    tasks = data.load_sni(cfg.data_dir, part=part, max_instances=n, per_category=cfg.tasks_per_category,
                           sample_seed=cfg.seed if cfg.sampling == "random" else None)
     return data.sni_examples(tasks, num_pos=cfg.num_pos)
 
@@ -575,30 +583,36 @@ def run_base(cfg: Config, device):
 
 
 class TextBatcher:
-    """Base-stage batches, a pure function of (seed, step). Each text becomes one of three generic denoising
-    pairs, in equal shares: T5 span corruption, prefix LM (input = a first part, target = the rest), or
-    reconstruction (BART-style: the target is the whole text, the input has its dropped spans replaced by
-    sentinels). Reconstruction is the one that teaches the decoder to copy what the encoder sees. As in UL2, a
-    mode token opens the input of the last two (the two lowest sentinels, which span corruption never reaches
-    here), so the model knows which of the three it is asked for instead of guessing."""
+    """Base-stage batches, a pure function of (seed, step). Each text becomes one of four generic pairs, in equal
+    shares: T5 span corruption, prefix LM (input = a first part, target = the rest), reconstruction (BART-style:
+    the target is the whole text, the input has its dropped spans replaced by sentinels) or lookup (the input is a
+    query token and the text, the target the token that follows the query's first occurrence, or a sentinel saying
+    it does not occur: half the queries come from another text). Reconstruction teaches the decoder to copy what
+    the encoder sees, lookup to find a named token in it. As in UL2, a mode token opens the input of the last
+    three (the three lowest sentinels, which span corruption never reaches here), so the model knows which of the
+    four it is asked for instead of guessing."""
 
     def __init__(self, seqs, batch_size, vocab, seed):
         self.seqs, self.batch_size, self.vocab, self.seed = [s for s in seqs if len(s) >= 2], batch_size, vocab, seed
 
     def batch(self, step, rank=0, world_size=1):
-        src, tgt = [], []
+        src, tgt, V = [], [], self.vocab
         per = self.batch_size // world_size
         for j in range(rank * per, (rank + 1) * per):
             rng = random.Random(f"{self.seed}-{step}-{j}")
             ids = self.seqs[rng.randrange(len(self.seqs))]
-            kind = rng.randrange(3)
+            kind = rng.randrange(4)
             if kind == 0:
-                s, t = span_corrupt(ids, rng, self.vocab)
+                s, t = span_corrupt(ids, rng, V)
             elif kind == 1:
                 cut = rng.randint(1, len(ids) - 1)
-                s, t = [self.vocab - 100] + ids[:cut], ids[cut:]
+                s, t = [V - 100] + ids[:cut], ids[cut:]
+            elif kind == 2:
+                s, t = [V - 99] + span_corrupt(ids, rng, V)[0], ids
             else:
-                s, t = [self.vocab - 99] + span_corrupt(ids, rng, self.vocab)[0], ids
+                absent = [q for q in self.seqs[rng.randrange(len(self.seqs))] if q not in ids]
+                q = rng.choice(absent) if absent and rng.random() < 0.5 else rng.choice(ids[:-1])
+                s, t = [V - 98, q] + ids, [ids[ids.index(q) + 1] if q in ids else V - 97]
             src.append(s + [1])
             tgt.append(t + [1])
         out = {}
@@ -684,7 +698,8 @@ def run_pretrain(cfg: Config, device):
         texts = data.iter_texts([p for p in cfg.text.split(",")])
     else:  # the training tasks' own text, as plain text: definitions, examples and instances
         texts = [data.sni_prompt(t, x["input"]) + x["output"][0]
-                 for t in data.load_sni(cfg.data_dir, part="train", max_instances=cfg.max_instances)
+                 for t in data.load_sni(cfg.data_dir, part="train", max_instances=cfg.max_instances,
+                                        per_category=cfg.tasks_per_category)
                  for x in t["Instances"]] if cfg.data != "p3" else \
             [e.prompt + " " + e.target for e in task_examples(cfg, "train")]
     b = data.PretrainBatcher.from_texts(texts, tok, max_docs=200_000, batch_size=cfg.batch_size, seed=cfg.seed,
@@ -701,8 +716,8 @@ def run_pretrain(cfg: Config, device):
         write_stage_info(d, stage="pretrain", config=asdict(cfg))
 
 
-def run_finetune(cfg: Config, device, name="finetune"):
-    d = Path(cfg.out) / name
+def run_finetune(cfg: Config, device):
+    d = folder(cfg, "finetune")
     t5, tok, mdir = load_base(cfg, device)
     examples = task_examples(cfg, "train")
     b = batcher(cfg, examples, tok)
@@ -769,32 +784,80 @@ def needs_tk(cfg: Config, stage: str) -> bool:
         (cfg.kl_weight and cfg.kl_teacher == "tk") or (cfg.teacher_base == "tk" and needs_bank(cfg))))
 
 
-def run(cfg: Config, stage: str, device, name: str = ""):
-    """Run one stage (into <out>/<name> for a finetune variant), first building any missing earlier stage it needs
-    (and saying so)."""
+def folder(cfg: Config, stage: str) -> Path:
+    """Where `stage` run with cfg writes: <out>/tk, <out>/teachers-<group>[-instance], <out>/<name or finetune>."""
+    if stage == "teachers":
+        return teachers_dir(cfg)
+    return Path(cfg.out) / (cfg.name or "finetune") if stage == "finetune" else stage_dirs(cfg)[stage]
+
+
+def prerequisites(cfg: Config, stage: str) -> list[tuple[str, Config]]:
+    """The earlier stages `stage` reads, as (stage, its config): the suite's base only when none is committed."""
+    out = []
+    if stage != "base" and cfg.data == "suite" and not cfg.model and not (SUITE_BASE / "model.safetensors").exists():
+        out.append(("base", cfg))
+    if stage in ("teachers", "pretrain", "finetune") and needs_tk(cfg, stage) and not cfg.tk_model:
+        out.append(("tk", replace(cfg, name="")))
+    if stage == "finetune" and not cfg.no_pretrain:
+        out.append(("pretrain", replace(cfg, name="")))
+    if stage == "finetune" and needs_bank(cfg):
+        out.append(("teachers", replace(cfg, name="", group=teacher_group(cfg.group), teacher_input="prompt")))
+    return out
+
+
+def trained(cfg: Config, stage: str) -> bool:
+    """Whether folder(cfg, stage) already holds this stage, trained to the end with these very settings."""
+    f = folder(cfg, stage) / "stage.json"
+    if not f.is_file():
+        return False
+    ignore = ("stage", "resume", "log_every", "save_every")
+    saved, now = json.loads(f.read_text()).get("config", {}), asdict(stage_defaults(cfg, stage))
+    return all(saved.get(k) == v for k, v in now.items() if k not in ignore)
+
+
+def run(cfg: Config, stage: str, device):
+    """Run one stage (into folder(cfg, stage)), first building any missing earlier stage it needs (and saying
+    so)."""
+    for need, c in prerequisites(cfg, stage):
+        if not (folder(c, need) / "stage.json").exists():
+            say(f"[{stage}] needs the {need} stage, which is missing: building it first")
+            run(c, need, device)
     c = stage_defaults(cfg, stage)
-    needs = {"base": [], "tk": ["base"], "teachers": ["base", "tk"], "pretrain": ["base", "tk"],
-             "finetune": ["base", "tk", "pretrain", "teachers"]}
-    for need in needs[stage]:
-        if need == "base" and (cfg.model or cfg.data != "suite" or (SUITE_BASE / "model.safetensors").exists()
-                               or (stage_dirs(cfg)["base"] / "stage.json").exists()):
-            continue
-        if need == "pretrain" and (cfg.no_pretrain or (stage_dirs(cfg)["pretrain"] / "stage.json").exists()):
-            continue
-        if need == "tk" and (cfg.tk_model or (stage_dirs(cfg)["tk"] / "stage.json").exists() or
-                             not needs_tk(cfg, stage)):
-            continue
-        if need == "teachers" and (not needs_bank(cfg) or
-                                   (teachers_dir(cfg, teacher_group(cfg.group), "prompt") / "stage.json").exists()):
-            continue
-        say(f"[{stage}] needs the {need} stage, which is missing: building it first")
-        run(replace(cfg, group=teacher_group(cfg.group), teacher_input="prompt") if need == "teachers" else cfg, need,
-            device)
-    say(f"[{stage}] {json.dumps({k: v for k, v in asdict(c).items()})}")
+    say(f"[{folder(c, stage).name}] {json.dumps({k: v for k, v in asdict(c).items()})}")
     t0 = time.time()
     {"base": run_base, "tk": run_tk, "teachers": run_teachers, "pretrain": run_pretrain,
-     "finetune": lambda c, device: run_finetune(c, device, name or "finetune")}[stage](c, device)
-    say(f"[{stage}] done in {time.time() - t0:.0f}s")
+     "finetune": run_finetune}[stage](c, device)
+    say(f"[{folder(c, stage).name}] done in {time.time() - t0:.0f}s")
+
+
+def run_stages(jobs: list[tuple[str, Config]], device, rerun: bool = False):
+    """Train each (stage, config) of jobs unless already trained with the same settings (rerun: even then), after
+    the stages they need that are missing."""
+    todo: dict[Path, tuple[str, Config]] = {}
+
+    def add(stage, c, wanted):
+        for need in prerequisites(c, stage):
+            add(*need, not (folder(need[1], need[0]) / "stage.json").exists())
+        if wanted and folder(c, stage) not in todo:
+            todo[folder(c, stage)] = (stage, c)
+    for stage, c in jobs:
+        add(stage, c, rerun or not trained(c, stage))
+        if folder(c, stage) not in todo:
+            say(f"[{folder(c, stage).name}] already trained with these settings: kept")
+    for stage, c in todo.values():
+        run(c, stage, device)
+
+
+def pipeline(cfg: Config, ablations: bool = False) -> list[tuple[str, Config]]:
+    """The zero-argument pipeline: the tk model, the baselines' LoRAs, pretraining, TAGI and the HINT-like row;
+    with ablations, also Table 4's finetune variants (evaluate.ABLATIONS), each in <out>/finetune-<name>."""
+    import evaluate
+    jobs = [("tk", cfg)] + [("pretrain", cfg)] * (not cfg.no_pretrain) + [
+        ("teachers", cfg), ("teachers", replace(cfg, group="all")),
+        ("teachers", replace(cfg, group="all", teacher_input="instance"))]
+    variants = {"tagi": {}, **evaluate.VARIANTS, **(evaluate.ABLATIONS if ablations else {})}
+    return jobs + [("finetune", replace(cfg, name=evaluate.method_dir(Path(cfg.out), n).name, **kw))
+                   for n, kw in variants.items()]
 
 
 def smoke_test(evaluation: bool = True):
@@ -857,19 +920,12 @@ def main(argv=None):
     t0 = time.time()
     if cfg.stage in ("all", "ablations"):
         import evaluate  # the final table (deferred: evaluate.py needs rouge_score, training does not)
-    if cfg.stage == "ablations":  # Table 4: one finetune variant each, in <out>/finetune-<name>, unless finished
-        for name, kw in evaluate.ABLATIONS.items():
-            if not (evaluate.method_dir(Path(cfg.out), name) / "stage.json").exists():
-                say(f"[ablations] {name}: {kw}")
-                run(replace(cfg, **kw), "finetune", device, evaluate.method_dir(Path(cfg.out), name).name)
-    elif cfg.stage != "all":
-        run(cfg, cfg.stage, device)
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)  # the command line, for evaluate.py --seeds / --scaling
+        atomic_write_text(Path(cfg.out) / "pipeline.json", json.dumps(
+            {"argv": [str(a) for a in (sys.argv[1:] if argv is None else argv)]}) + "\n")
+        run_stages(pipeline(cfg, cfg.stage == "ablations"), device)
     else:
-        for stage, kw in (("tk", {}), ("teachers", {}), ("teachers", {"group": "all"}),
-                          ("teachers", {"group": "all", "teacher_input": "instance"}), ("pretrain", {}),
-                          ("finetune", {})):
-            if not (stage == "pretrain" and cfg.no_pretrain):
-                run(replace(cfg, **kw), stage, device)
+        run_stages([(cfg.stage, cfg)], device, rerun=True)
     if cfg.stage in ("all", "ablations") and rank == 0:
         t5, tok, _ = load_base(cfg, device)
         evaluate.compare(cfg, t5, tok, device, ablations=cfg.stage == "ablations")

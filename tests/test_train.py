@@ -159,7 +159,8 @@ def test_base_stage_writes_a_model_the_other_stages_find(tiny):
 def test_base_objectives_rebuild_their_text():
     """Every base-stage pair gives back its text: span corruption by putting each dropped span back at its
     sentinel, prefix LM (mode token V-100) by joining input and target, reconstruction (mode token V-99) as the
-    target itself, whose input is the text with spans dropped. The three kinds come in about equal shares."""
+    target itself, whose input is the text with spans dropped, lookup (mode token V-98) as the token after its query
+    (tests/test_report.py). The four kinds come in about equal shares."""
     V = 740
     texts = [list(range(3, 3 + n)) for n in (2, 5, 17, 40, 120)]
     b = train.TextBatcher(texts, 64, V, seed=0)
@@ -168,14 +169,16 @@ def test_base_objectives_rebuild_their_text():
         batch = b.batch(step)
         for src, tgt in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
             src, tgt = src[:src.index(1)], tgt[:tgt.index(1)]  # up to eos
-            assert V - 100 not in tgt and V - 99 not in tgt  # mode tokens open inputs only
-            if src[0] == V - 100:
+            assert V - 100 not in tgt and V - 99 not in tgt and V - 98 not in tgt  # mode tokens open inputs only
+            if src[0] == V - 98:
+                kinds.append("lookup")
+            elif src[0] == V - 100:
                 kinds.append("prefix")
                 assert src[1:] + tgt in texts and len(src) > 1 and tgt
             elif src[0] == V - 99:
                 kinds.append("reconstruct")
-                assert tgt in texts and any(t >= V - 98 for t in src[1:])
-                kept = [t for t in src[1:] if t < V - 98]
+                assert tgt in texts and any(t >= V - 97 for t in src[1:])
+                kept = [t for t in src[1:] if t < V - 97]
                 assert kept == [t for t in tgt if t in kept]  # the kept tokens, in order
             else:
                 kinds.append("spans")
@@ -185,7 +188,7 @@ def test_base_objectives_rebuild_their_text():
                     if t < V - 98:
                         spans.setdefault(k, []).append(t)
                 assert [x for t in src for x in (spans[t] if t >= V - 98 else [t])] in texts
-    assert all(60 < kinds.count(k) < 110 for k in ("prefix", "reconstruct", "spans")), kinds
+    assert all(40 < kinds.count(k) < 90 for k in ("prefix", "reconstruct", "spans", "lookup")), kinds
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -526,8 +529,8 @@ def test_quick_pipeline_results_come_from_its_predictions(tiny, tmp_path):
     res = out / "results"
     results = json.loads((res / "results.json").read_text())
     methods = [m for m in results if m != "config"]
-    assert methods == ["base", "noinstr", "concat", "tk-instruct", "teacher", "tagi", "tagi-adapter"]
-    for stage in ("tk", TEACHERS, "teachers-all", "teachers-all-instance", "pretrain", "finetune"):
+    assert methods == ["base", "noinstr", "concat", "tk-instruct", "teacher", "hint", "tagi", "tagi-adapter"]
+    for stage in ("tk", TEACHERS, "teachers-all", "teachers-all-instance", "pretrain", "finetune", "finetune-hint"):
         assert json.loads((out / stage / "stage.json").read_text())["config"]["steps"] == 10
 
     held_out = data.sni_examples(data.load_sni(tiny / "suite", part="test", max_instances=4), num_pos=0)
