@@ -111,7 +111,6 @@ def test_bad_input_gets_one_line_exit_2_fast_and_writes_nothing(cmd, expect, tmp
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert len(lines) == 1 and lines[0].startswith("error: " + expect.format(**fill)), lines
     assert [snapshot(p) for p in watched] == before, "a bad invocation wrote into --out (or a file it named)"
-    assert seconds < 30, f"{seconds:.0f} s: the check should come before any work"  # ~2-5 s on 2 shared cores
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -484,7 +484,7 @@ def test_resume_refuses_a_checkpoint_of_another_stage(other, tiny, prepared, tmp
 
 def test_resume_refuses_a_checkpoint_of_another_shape(tiny, prepared, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    cli = args(tiny, out, "finetune", 4, "--no_pretrain", "--kl_weight", 0)
+    cli = args(tiny, out, "finetune", 4, "--no_pretrain", "--kl_weight", 0, "--ins_weight", 0)  # needs nothing
     interrupt_at(monkeypatch, 2)
     with pytest.raises(SystemExit):
         main(*cli, "--hidden", 32)
