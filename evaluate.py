@@ -545,9 +545,11 @@ def report(run_dir: Path, seeds: int, ablations: bool, scaling: bool, plot: bool
     for seed in range(seeds):
         d = seed_dir(run_dir, seed)
         f = d / "results" / "results.json"
-        if not f.is_file() or (ablations and not all(n in json.loads(f.read_text()) for n in ABLATIONS)):
+        found = json.loads(f.read_text()) if f.is_file() else {}
+        if not found or (ablations and not all(n in found for n in ABLATIONS)):
             train_run(run_dir, d, "--seed", str(seed), "--stage", "ablations" if ablations else "all")
-        runs.append(json.loads(f.read_text()))
+            found = json.loads(f.read_text())
+        runs.append(found)
     summ, points = summarize(runs), {}
     write_summary(run_dir, summ, points, ablations)  # now, and again once the scaling runs are in
     if scaling:

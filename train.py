@@ -816,12 +816,7 @@ def trained(cfg: Config, stage: str) -> bool:
 
 
 def run(cfg: Config, stage: str, device):
-    """Run one stage (into folder(cfg, stage)), first building any missing earlier stage it needs (and saying
-    so)."""
-    for need, c in prerequisites(cfg, stage):
-        if not (folder(c, need) / "stage.json").exists():
-            say(f"[{stage}] needs the {need} stage, which is missing: building it first")
-            run(c, need, device)
+    """Run one stage (into folder(cfg, stage)); run_stages has built what it needs first."""
     c = stage_defaults(cfg, stage)
     say(f"[{folder(c, stage).name}] {json.dumps({k: v for k, v in asdict(c).items()})}")
     t0 = time.time()
@@ -836,8 +831,11 @@ def run_stages(jobs: list[tuple[str, Config]], device, rerun: bool = False):
     todo: dict[Path, tuple[str, Config]] = {}
 
     def add(stage, c, wanted):
-        for need in prerequisites(c, stage):
-            add(*need, not (folder(need[1], need[0]) / "stage.json").exists())
+        for need, nc in prerequisites(c, stage):
+            missing = not (folder(nc, need) / "stage.json").exists()
+            if missing and folder(nc, need) not in todo:
+                say(f"[{folder(c, stage).name}] needs the {need} stage, which is missing: building it first")
+            add(need, nc, missing)
         if wanted and folder(c, stage) not in todo:
             todo[folder(c, stage)] = (stage, c)
     for stage, c in jobs:
