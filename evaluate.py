@@ -199,6 +199,25 @@ ABLATIONS = {"tagi-nopretrain": {"no_pretrain": True}, "tagi-nofusion": {"fusion
              "tagi-nokl": {"kl_weight": 0.0}, "tagi-noins": {"ins_weight": 0.0}, "tagi-noce": {"ce_weight": 0.0}}
 
 
+# Answers of the right form that a model could give without solving the task (knowing only its family): their mean
+# score is the family's chance level (`replace`: the input copied unchanged; `prefix`: the named word and any word).
+GUESSES = {"contains": lambda w, p: ["yes", "no"], "order": lambda w, p: ["yes", "no"],
+           "label": lambda w, p: p[1:3], "choose": lambda w, p: p[:2], "after": lambda w, p: [x for x in w if x != p[0]],
+           "position": lambda w, p: [str(i + 1) for i in range(len(w))],
+           "prefix": lambda w, p: [f"{p[0]} {x}" for x in w], "replace": lambda w, p: [" ".join(w)]}
+
+
+def chance(data_dir, n: int = 100) -> dict[str, float]:
+    """Held-out ROUGE-L per family of a uniform pick among GUESSES, in expectation, on the first n instances."""
+    per = {}
+    for t in data.load_sni(data_dir, part="test", max_instances=n):
+        fam, p = t["Suite"]["family"], t["Suite"]["params"]
+        for x in t["Instances"]:
+            opts = GUESSES[fam](x["input"].split(), p)
+            per.setdefault(fam, []).append(100 * sum(rouge_l(o, x["output"]) for o in opts) / len(opts))
+    return {f: sum(v) / len(v) for f, v in per.items()}
+
+
 def held_out_examples(cfg):
     """The test tasks' first eval_instances instances (at most 20 under --quick)."""
     n = min(cfg.eval_instances, 20) if cfg.quick else cfg.eval_instances
@@ -227,7 +246,9 @@ def compare(cfg, t5: T5, tok, device, ablations: bool = False) -> dict:
     write <out>/results/{results.json, results.md, <method>.<split>.jsonl} and print the table."""
     run_dir, res_dir = Path(cfg.out), Path(cfg.out) / "results"
     names = list(METHODS) + (list(ABLATIONS) if ablations else [])
-    results = {"config": {"out": cfg.out, "data": cfg.data, "num_pos": cfg.num_pos, "seed": cfg.seed}}
+    results = {"config": {"out": cfg.out, "data": cfg.data, "num_pos": cfg.num_pos, "seed": cfg.seed,
+                          "data_dir": cfg.data_dir, "eval_instances": min(cfg.eval_instances, 20) if cfg.quick
+                          else cfg.eval_instances}}
     if cfg.data == "p3":  # rank classification on the held-out datasets' answer choices
         items = data.p3_rank_items(data.load_p3(Path(cfg.data_dir) / "test"))
         for name in names:
@@ -465,14 +486,18 @@ def ablation_table(summ: dict) -> str:
     return "\n".join(lines)
 
 
-def family_table(summ: dict) -> str:
-    """Held-out ROUGE-L per family (category), mean ± std, one column per method."""
+def family_table(summ: dict, chances: dict | None = None) -> str:
+    """Held-out ROUGE-L per family (category), mean ± std, one column per method; with chances, a chance column
+    and the best method's margin over it."""
     names = [n for n in METHODS if "held-out" in summ.get(n, {})]
     cats = list(summ["tagi"]["held-out"]["per_category"])
-    lines = ["| family | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    extra = " chance | best − chance |" if chances else ""
+    lines = ["| family | " + " | ".join(names) + " |" + extra, "|---" * (len(names) + 1 + 2 * bool(chances)) + "|"]
     for c in cats:
         cells = [summ[n]["held-out"]["per_category"][c]["rougeL"] for n in names]
-        lines.append(f"| {c} | " + " | ".join(f"{x['mean']:.0f} ± {x['std']:.0f}" for x in cells) + " |")
+        best = max(cells, key=lambda x: x["mean"])
+        lines.append(f"| {c} | " + " | ".join(f"{x['mean']:.0f} ± {x['std']:.0f}" for x in cells) + " |" + (
+            f" {chances[c]:.0f} | {best['mean'] - chances[c]:+.0f} ({names[cells.index(best)]}) |" if chances else ""))
     return "\n".join(lines)
 
 
@@ -551,7 +576,9 @@ def report(run_dir: Path, seeds: int, ablations: bool, scaling: bool, plot: bool
             found = json.loads(f.read_text())
         runs.append(found)
     summ, points = summarize(runs), {}
-    write_summary(run_dir, summ, points, ablations)  # now, and again once the scaling runs are in
+    c = runs[0]["config"]
+    chances = chance(c["data_dir"], c["eval_instances"]) if c.get("data") == "suite" and "data_dir" in c else None
+    write_summary(run_dir, summ, points, ablations, chances)  # now, and again once the scaling runs are in
     if scaling:
         for n in SCALING:
             d = run_dir / f"scaling-{n}"
@@ -562,21 +589,23 @@ def report(run_dir: Path, seeds: int, ablations: bool, scaling: bool, plot: bool
         points[max(len(v) for v in family_tasks(run_dir).values())] = runs[0]
         points = {n: {m: points[n][m]["held-out"]["overall"]["rougeL"] for m in ("tagi", "tk-instruct")}
                   for n in sorted(points)}
-        write_summary(run_dir, summ, points, ablations)
+        write_summary(run_dir, summ, points, ablations, chances)
     if plot:
         print("\n".join(str(p) for p in plots(run_dir, summ, points)))
 
 
-def write_summary(run_dir: Path, summ: dict, points: dict, ablations: bool):
+def write_summary(run_dir: Path, summ: dict, points: dict, ablations: bool, chances: dict | None = None):
     md = [f"Mean ± std over seeds {summ['seeds']}.", "", "Table 2", "", results_table(
-        {n: summ[n] for n in METHODS if n in summ}), "", "Per family (held-out ROUGE-L)", "", family_table(summ)]
+        {n: summ[n] for n in METHODS if n in summ}), "", "Per family (held-out ROUGE-L)", "",
+        family_table(summ, chances)]
     if ablations:
         md += ["", "Table 4 (Δ against tagi; a difference only beyond both rows' std)", "", ablation_table(summ)]
     if points:
         md += ["", "Scaling (held-out ROUGE-L, seed 0)", "", "| tasks per family | tagi | tk-instruct |",
                "|---|---|---|"] + [f"| {n} | {p['tagi']:.1f} | {p['tk-instruct']:.1f} |" for n, p in points.items()]
     (run_dir / "results").mkdir(exist_ok=True)
-    (run_dir / "results" / "summary.json").write_text(json.dumps({**summ, "scaling": points}, indent=1) + "\n")
+    (run_dir / "results" / "summary.json").write_text(json.dumps({**summ, "scaling": points, "chance": chances},
+                                                                   indent=1) + "\n")
     (run_dir / "results" / "summary.md").write_text("\n".join(md) + "\n")
     print("\n".join(md), flush=True)
 
