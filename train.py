@@ -38,9 +38,7 @@ import os
 import random
 import re
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -130,7 +128,6 @@ class Config:
     name: str = ""                                # finetune: the variant's folder under --out (default finetune)
     tasks_per_category: int = arg(0, ">= 1")      # keep the first N training tasks of each category (0: all)
     eval_instances: int = arg(100, ">= 1")        # evaluation: first N instances of each test task
-    lanes: int = arg(0, ">= 0")                   # stages trained at once, one process each (0: 2 on a multi-core CPU)
 
 
 # --recipe: the switches that make a run follow the official code or the paper's text (README "Differences").
@@ -501,8 +498,6 @@ def check_inputs(cfg: Config):
     unknown = sorted(set(cfg.modules.split(",")) - {"q", "k", "v", "o", *FFN})
     if unknown:
         raise SystemExit(f"--modules: unknown {unknown}; choose from q,k,v,o (attention) and {','.join(FFN)} (FFN)")
-    if cfg.lanes > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SystemExit("--lanes: one stage at a time under torchrun (its processes already share the work)")
     if cfg.resume:
         d = teachers_dir(cfg) if cfg.stage == "teachers" else stage_dirs(cfg).get(cfg.stage)
         if not ((d / "latest").exists() if d else any(out.glob("*/latest"))):
@@ -815,7 +810,7 @@ def trained(cfg: Config, stage: str) -> bool:
     f = folder(cfg, stage) / "stage.json"
     if not f.is_file():
         return False
-    ignore = ("stage", "resume", "log_every", "save_every", "lanes")
+    ignore = ("stage", "resume", "log_every", "save_every")
     saved, now = json.loads(f.read_text()).get("config", {}), asdict(stage_defaults(cfg, stage))
     return all(saved.get(k) == v for k, v in now.items() if k not in ignore)
 
@@ -830,9 +825,9 @@ def run(cfg: Config, stage: str, device):
     say(f"[{folder(c, stage).name}] done in {time.time() - t0:.0f}s")
 
 
-def run_stages(jobs: list[tuple[str, Config]], device, rerun: bool = False, lanes: int = 1):
+def run_stages(jobs: list[tuple[str, Config]], device, rerun: bool = False):
     """Train each (stage, config) of jobs unless already trained with the same settings (rerun: even then), after
-    the stages they need that are missing; lanes > 1: that many at a time (run_lanes)."""
+    the stages they need that are missing."""
     todo: dict[Path, tuple[str, Config]] = {}
 
     def add(stage, c, wanted):
@@ -847,52 +842,8 @@ def run_stages(jobs: list[tuple[str, Config]], device, rerun: bool = False, lane
         add(stage, c, rerun or not trained(c, stage))
         if folder(c, stage) not in todo:
             say(f"[{folder(c, stage).name}] already trained with these settings: kept")
-    if lanes > 1 and len(todo) > 1:
-        return run_lanes(list(todo.values()), lanes)
     for stage, c in todo.values():
         run(c, stage, device)
-
-
-def config_argv(c: Config) -> list[str]:
-    """The flags that give back c (those off their defaults, and all its recipe sets, which would win otherwise)."""
-    touched = RECIPES.get(c.recipe, {})
-    return [(f"--{'' if v else 'no-'}{f.name}" if isinstance(v, bool) else f"--{f.name}={v}")
-            for f in fields(Config) for v in [getattr(c, f.name)] if v != f.default or f.name in touched]
-
-
-def run_lanes(todo: list[tuple[str, Config]], lanes: int):
-    """Train todo's stages (prerequisites first) `lanes` at a time, each as `train.py --stage` in its own process
-    with cores / lanes threads, its output in <stage folder>/train.log once it is done. A tiny model keeps two cores
-    busier as two one-thread processes than as one two-thread process (README "Speed")."""
-    threads = max(1, (os.cpu_count() or 1) // lanes)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    waiting, running = list(todo), {}
-    while waiting or running:
-        pending = {folder(c, s) for s, c in waiting} | set(running)
-        for job in [j for j in waiting if not {folder(nc, s) for s, nc in prerequisites(j[1], j[0])} & pending]:
-            if len(running) == lanes:
-                break
-            waiting.remove(job)
-            d = folder(job[1], job[0])
-            log = tempfile.NamedTemporaryFile("w", prefix=f"tagi-{d.name}-", suffix=".log", delete=False)
-            cmd = [sys.executable, __file__, *config_argv(job[1]), f"--stage={job[0]}", "--lanes=1"]
-            running[d] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, time.time())
-            say(f"[{d.name}] started ({threads} thread{'s' * (threads > 1)})")
-        time.sleep(0.2)
-        for d, (proc, log, t0) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            del running[d]
-            log.close()
-            if proc.returncode:
-                for other, *_ in running.values():
-                    other.terminate()
-                tail = [x for x in Path(log.name).read_text(errors="replace").splitlines() if x.strip()][-15:]
-                if tail and tail[-1].startswith("error: "):  # bad input: the stage's own one line
-                    raise SystemExit(tail[-1].removeprefix("error: "))
-                raise SystemExit("\n".join(tail + [f"[{d.name}] failed: {log.name} has its output"]))
-            shutil.move(log.name, d / "train.log")
-            say(f"[{d.name}] done in {time.time() - t0:.0f}s")
 
 
 def pipeline(cfg: Config, ablations: bool = False) -> list[tuple[str, Config]]:
@@ -965,15 +916,14 @@ def main(argv=None):
     if device.type == "cpu":  # e.g. the backward of a gather with repeated indices sums in thread order otherwise
         torch.use_deterministic_algorithms(True)
     t0 = time.time()
-    lanes = cfg.lanes or (2 if device.type == "cpu" and world == 1 and (os.cpu_count() or 1) >= 2 else 1)
     if cfg.stage in ("all", "ablations"):
         import evaluate  # the final table (deferred: evaluate.py needs rouge_score, training does not)
         Path(cfg.out).mkdir(parents=True, exist_ok=True)  # the command line, for evaluate.py --seeds / --scaling
         atomic_write_text(Path(cfg.out) / "pipeline.json", json.dumps(
             {"argv": [str(a) for a in (sys.argv[1:] if argv is None else argv)]}) + "\n")
-        run_stages(pipeline(cfg, cfg.stage == "ablations"), device, lanes=lanes)
+        run_stages(pipeline(cfg, cfg.stage == "ablations"), device)
     else:
-        run_stages([(cfg.stage, cfg)], device, rerun=True, lanes=lanes)
+        run_stages([(cfg.stage, cfg)], device, rerun=True)
     if cfg.stage in ("all", "ablations") and rank == 0:
         t5, tok, _ = load_base(cfg, device)
         evaluate.compare(cfg, t5, tok, device, ablations=cfg.stage == "ablations")

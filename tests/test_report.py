@@ -130,56 +130,6 @@ def test_chance_is_the_expected_score_of_a_guess_of_the_right_form(tmp_path):
     assert got["replace"] == pytest.approx(100 * sum((n - 1) / n for n in names["replace"]) / 30)
 
 
-def test_a_stage_process_gets_back_its_config():
-    """run_lanes hands each stage to `train.py --stage` as flags: they must give back the very same config, a
-    recipe's switches included (a flag set back to its default would otherwise lose to the recipe)."""
-    for argv in ([], ["--recipe", "paper", "--temperature", "2.0"], ["--quick", "--no-kl_t_squared", "--seed", "2",
-                 "--tasks_per_category", "8"], ["--recipe", "official", "--schedule", "cosine"]):
-        for stage, c in train.pipeline(train.resolve(train.parse_args(argv)), ablations=True):
-            assert train.resolve(train.parse_args(train.config_argv(c))) == c, (argv, stage)
-
-
-def test_lanes_start_a_stage_only_after_what_it_reads(tmp_path, monkeypatch):
-    """The scheduler of run_lanes on the pipeline's graph, with fake stage processes that end in turn: never more
-    than `lanes` at once, each started after every prerequisite in the run has ended, each exactly once."""
-    cfg = train.resolve(train.parse_args(["--out", str(tmp_path)]))
-    todo = train.pipeline(cfg, ablations=True)
-    events, clock = [], [0]
-
-    class Stage:
-        def __init__(self, cmd, **kw):
-            self.returncode = None
-            c = train.resolve(train.parse_args(cmd[2:-1]))
-            self.name = train.folder(c, cmd[-2].split("=")[1]).name
-            self.end = clock[0] + (6 if self.name == "tk" else 1 + len(events) % 3)  # tk outlasts the others
-            events.append(("start", self.name))
-
-        def poll(self):
-            if clock[0] >= self.end and self.returncode is None:
-                self.returncode = 0
-                events.append(("end", self.name))
-            return self.returncode
-
-    def tick(_):
-        clock[0] += 1
-    monkeypatch.setattr(train.subprocess, "Popen", Stage)
-    monkeypatch.setattr(train.shutil, "move", lambda *a: None)
-    monkeypatch.setattr(train.time, "sleep", tick)
-    train.run_lanes(todo, 2)
-    names = [train.folder(c, s).name for s, c in todo]
-    assert sorted(n for e, n in events if e == "start") == sorted(names)
-    live = 0
-    for k, (e, n) in enumerate(events):
-        live += 1 if e == "start" else -1
-        assert live <= 2
-        if e == "start":
-            s, c = todo[names.index(n)]
-            for need in {train.folder(nc, ns).name for ns, nc in train.prerequisites(c, s)} & set(names):
-                assert ("end", need) in events[:k], (n, need)
-    assert max(sum(1 for e, _ in events[:k] if e == "start") - sum(1 for e, _ in events[:k] if e == "end")
-               for k in range(len(events))) == 2  # two lanes were used
-
-
 def test_plot_without_matplotlib_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     with pytest.raises(SystemExit) as e:
