@@ -189,6 +189,12 @@ def test_base_objectives_rebuild_their_text():
                         spans.setdefault(k, []).append(t)
                 assert [x for t in src for x in (spans[t] if t >= V - 98 else [t])] in texts
     assert all(40 < kinds.count(k) < 90 for k in ("prefix", "reconstruct", "spans", "lookup")), kinds
+    warm = train.TextBatcher(texts, 64, V, seed=0, warmup=3)
+    for step, copying in ((0, True), (2, True), (3, False)):  # the warm-up: plain copies in reconstruction mode
+        batch = warm.batch(step)
+        pairs = [(src[:src.index(1)], tgt[:tgt.index(1)]) for src, tgt in zip(batch["input_ids"].tolist(),
+                                                                           batch["labels"].tolist())]
+        assert all(src == [V - 99] + tgt and tgt in texts for src, tgt in pairs) == copying
 
 
 # ---------------------------------------------------------------------------------------------------------------
