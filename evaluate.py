@@ -218,10 +218,15 @@ def chance(data_dir, n: int = 100) -> dict[str, float]:
     return {f: sum(v) / len(v) for f, v in per.items()}
 
 
+def held_out_count(cfg) -> int:
+    """Instances scored per test task: eval_instances (at most 20 under --quick)."""
+    return min(cfg.eval_instances, 20) if cfg.quick else cfg.eval_instances
+
+
 def held_out_examples(cfg):
-    """The test tasks' first eval_instances instances (at most 20 under --quick)."""
-    n = min(cfg.eval_instances, 20) if cfg.quick else cfg.eval_instances
-    return data.sni_examples(data.load_sni(cfg.data_dir, part="test", max_instances=n), num_pos=cfg.num_pos)
+    """The test tasks' first held_out_count(cfg) instances."""
+    return data.sni_examples(data.load_sni(cfg.data_dir, part="test", max_instances=held_out_count(cfg)),
+                             num_pos=cfg.num_pos)
 
 
 def seen_examples(cfg, total: int = 960):
@@ -247,8 +252,7 @@ def compare(cfg, t5: T5, tok, device, ablations: bool = False) -> dict:
     run_dir, res_dir = Path(cfg.out), Path(cfg.out) / "results"
     names = list(METHODS) + (list(ABLATIONS) if ablations else [])
     results = {"config": {"out": cfg.out, "data": cfg.data, "num_pos": cfg.num_pos, "seed": cfg.seed,
-                          "data_dir": cfg.data_dir, "eval_instances": min(cfg.eval_instances, 20) if cfg.quick
-                          else cfg.eval_instances}}
+                          "data_dir": cfg.data_dir, "eval_instances": held_out_count(cfg)}}
     if cfg.data == "p3":  # rank classification on the held-out datasets' answer choices
         items = data.p3_rank_items(data.load_p3(Path(cfg.data_dir) / "test"))
         for name in names:
@@ -495,9 +499,9 @@ def family_table(summ: dict, chances: dict | None = None) -> str:
     lines = ["| family | " + " | ".join(names) + " |" + extra, "|---" * (len(names) + 1 + 2 * bool(chances)) + "|"]
     for c in cats:
         cells = [summ[n]["held-out"]["per_category"][c]["rougeL"] for n in names]
-        best = max(cells, key=lambda x: x["mean"])
+        k = max(range(len(cells)), key=lambda i: cells[i]["mean"])  # the best method
         lines.append(f"| {c} | " + " | ".join(f"{x['mean']:.0f} ± {x['std']:.0f}" for x in cells) + " |" + (
-            f" {chances[c]:.0f} | {best['mean'] - chances[c]:+.0f} ({names[cells.index(best)]}) |" if chances else ""))
+            f" {chances[c]:.0f} | {cells[k]['mean'] - chances[c]:+.0f} ({names[k]}) |" if chances else ""))
     return "\n".join(lines)
 
 
