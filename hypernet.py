@@ -126,7 +126,9 @@ class HyperNetwork(nn.Module):
         targets, g) and (A0, B0) = heads0(the same h, g), and target m gets the rank-2r pair [A ; A0] (rank axis)
         and [B , -B0] · scale, so that its update is scale · (B A - B0 A0): exactly 0 while heads equal heads0 (at
         initialisation; why a frozen copy fed the same h: see the module docstring). Hint: expand z and e to
-        (N, M, h) before concatenating. init "official" (heads0 None): the rank-r pair (A, B · scale)."""
+        (N, M, h) before concatenating, and split a group's factors per target with unbind: its backward is one
+        copy, where indexing target by target (A[:, j]) writes a full-size zero tensor per target (this step was
+        1.2x faster for it). init "official" (heads0 None): the rank-r pair (A, B · scale)."""
         z = self.task_proj(masked_mean(wide(states), mask))              # (N, h)
         e = self.layer_emb(self.layer_ids) + self.kind_emb(self.kind_ids)  # (M, h)
         N, M = z.shape[0], e.shape[0]
@@ -138,8 +140,8 @@ class HyperNetwork(nn.Module):
                 A0, B0 = self.heads0(h[:, idx], g)       # same input: ΔW = 0 at init
                 A, B = torch.cat([A, A0], 2), torch.cat([B, -B0], 3)  # rank 2r: [B, -B0]·[A; A0]
             B = B * self.scale
-            for j, i in enumerate(idx):
-                out[self.targets[i]] = (A[:, j], B[:, j])
+            for i, a, b in zip(idx, A.unbind(1), B.unbind(1)):  # unbind, not A[:, j]: see the Hint
+                out[self.targets[i]] = (a, b)
         return out
 
 

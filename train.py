@@ -105,7 +105,7 @@ class Config:
     lr: float = arg(0.0, "> 0")                   # peak learning rate (0: the stage's default)
     batch_size: int = arg(0, ">= 1")              # per micro-step, all ranks (0: stage default); x grad_accum
     grad_accum: int = arg(1, ">= 1")              # micro-steps per optimizer step
-    warmup: float = arg(0.02, "[0, 1)")           # fraction of steps
+    warmup: float = arg(-1.0, "[0, 1)")           # fraction of steps (-1: 0.02, the paper's; the suite's pretrain 0.1)
     schedule: str = arg("cosine", "cosine|constant")  # after the linear warmup: cosine to lr/10 | constant (official)
     optimizer: str = arg("adamw", "adamw|adafactor")  # adafactor: the paper's pretraining (Table 8)
     sampling: str = arg("first", "first|random")  # SNI: the first max_instances and first reference | random (official)
@@ -463,6 +463,8 @@ def stage_defaults(cfg: Config, stage: str) -> Config:
     steps, lr, bs = DEFAULTS["suite" if cfg.data == "suite" else "real"][stage]
     c = Config(**asdict(cfg))
     c.steps, c.lr, c.batch_size = cfg.steps or steps, cfg.lr or lr, cfg.batch_size or bs
+    if cfg.warmup < 0:  # 2% of 200 steps is 4: too short for the suite's pretraining (README "Pretraining warmup")
+        c.warmup = 0.1 if cfg.data == "suite" and stage == "pretrain" else 0.02
     if cfg.recipe == "paper" and stage == "pretrain":  # Table 8: Adafactor in float32
         c.optimizer, c.bf16 = "adafactor", False
     if cfg.quick:  # a smoke run of the whole pipeline (CI): a tenth of the steps, small batches
