@@ -463,7 +463,7 @@ def stage_defaults(cfg: Config, stage: str) -> Config:
     steps, lr, bs = DEFAULTS["suite" if cfg.data == "suite" else "real"][stage]
     c = Config(**asdict(cfg))
     c.steps, c.lr, c.batch_size = cfg.steps or steps, cfg.lr or lr, cfg.batch_size or bs
-    if cfg.warmup < 0:  # 2% of 200 steps is 4: too short for the suite's pretraining (README "Pretraining warmup")
+    if cfg.warmup < 0:  # 2% of 200 steps is 4, too few for the suite's pretraining (README "Why HINT ... failed")
         c.warmup = 0.1 if cfg.data == "suite" and stage == "pretrain" else 0.02
     if cfg.recipe == "paper" and stage == "pretrain":  # Table 8: Adafactor in float32
         c.optimizer, c.bf16 = "adafactor", False

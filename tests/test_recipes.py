@@ -154,7 +154,8 @@ def test_recipes_set_valid_switches_and_flags_win(recipe):
 
 def test_warmup_default_is_2_percent_but_10_for_the_suites_short_pretraining():
     """--warmup left out: 0.02 of every stage (the paper's), except the suite's 200-step pretraining, whose 4
-    warmup steps let seed 0 diverge (README "Pretraining warmup"): 0.1 there. Given, or from a recipe, it wins."""
+    warmup steps let seed 0 diverge (README "Why HINT and `tagi-noins` failed"): 0.1 there. Given, or from a
+    recipe, it wins."""
     def w(argv, stage, data="suite"):
         cfg = train.parse_args(argv + (["--data", data, "--data_dir", "x"] if data != "suite" else []))
         return train.stage_defaults(train.resolve(cfg), stage).warmup
