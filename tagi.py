@@ -259,8 +259,7 @@ class TAGI(nn.Module):
         """example_adapters, and the instance encoded with them (Eq. 1). Returns (memory, its mask, per-example
         adapters, per-task adapters, tasks (U,), inv (N,))."""
         states, smask, gen, tasks, inv, per_ex = self.example_adapters(batch)
-        mem, mmask = self.student_memory(*self.student_input(batch), states.index_select(0, inv),
-                                          smask.index_select(0, inv), per_ex)
+        mem, mmask = self.student_memory(*self.student_input(batch), states[inv], smask[inv], per_ex)
         return mem, mmask, per_ex, gen, tasks, inv
 
     def student_input(self, batch):
